@@ -1,0 +1,1 @@
+"""Everything between image files and a device batch: shard writing, streaming, augmentation."""

@@ -1,0 +1,258 @@
+"""Streaming loader over WebDataset shards: infinite, split by node and worker, exactly resumable.
+
+Each (rank, worker) reads an endless sequence of *segments*. Segment `s` is a list of shards chosen
+by a seeded RNG: drawn with replacement (`resampled`, the default) or this reader's disjoint slice
+of epoch `s`'s shard permutation. A segment's samples go through a seeded shuffle buffer that is
+drained at the segment's end, so a reader's position is just `(segment, index)`. Augmentation is
+seeded per sample by `(seed, rank, reader, segment, index)`.
+
+Resuming therefore needs no replay: a reader jumps to its segment and skips `index` raw samples
+without decoding them. The DataLoader hands out batches from its workers round-robin, so the
+loader knows which reader produced each batch and checkpoints every reader's position plus the
+next reader in turn. Every rank's stream is infinite, so all ranks run the same number of steps.
+
+Corrupt, empty or undecodable images and truncated tars are skipped and counted, never fatal.
+"""
+
+import json
+import logging
+import math
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.filters import _shuffle
+from webdataset.shardlists import expand_urls
+from webdataset.tariterators import tarfile_samples
+
+from data_pipeline.augment import decode_image
+
+log = logging.getLogger(__name__)
+MAX_EMPTY_SEGMENTS = 20  # consecutive segments without a readable sample before giving up
+
+
+@dataclass
+class ShardSet:
+    urls: list[str]
+    num_samples: int | None = None
+    classes: list[str] | None = None
+
+
+def _is_local(url: str) -> bool:
+    return not (url.startswith("pipe:") or "://" in url)
+
+
+def resolve_shards(spec: str, key: str = "data.train") -> ShardSet:
+    """Shard URLs from a manifest .json (written by data_pipeline.shards) or a brace pattern.
+
+    Local shards are checked up front: a missing one is an error naming it and the config key.
+    """
+    if not spec:
+        raise ValueError(f"{key} is empty: give a manifest .json or a shard pattern")
+    if spec.endswith(".json"):
+        path = Path(spec)
+        if not path.is_file():
+            raise FileNotFoundError(f"{key}: manifest not found: {spec}")
+        manifest = json.loads(path.read_text())
+        urls = [s["url"] if not _is_local(s["url"]) else str(path.parent / s["url"]) for s in manifest["shards"]]
+        shards = ShardSet(urls, manifest.get("num_samples"), manifest.get("classes"))
+    else:
+        shards = ShardSet(expand_urls(spec))
+    missing = [u for u in shards.urls if _is_local(u) and not Path(u).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{key}: shard not found: {missing[0]} ({len(missing)} of {len(shards.urls)} missing)")
+    if not shards.urls:
+        raise ValueError(f"{key}: {spec!r} names no shards")
+    return shards
+
+
+def mix_seed(*parts: int) -> int:
+    """A well-mixed 32-bit seed from integers (stable across processes, unlike hash of strings)."""
+    return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
+
+
+class SkipCounter:
+    """webdataset error handler that logs and counts instead of crashing (no sleep, unlike warn_and_continue)."""
+
+    def __init__(self, count: int = 0):
+        self.count = count
+
+    def __call__(self, exn: BaseException) -> bool:
+        self.count += 1
+        if self.count <= 10 or self.count % 1000 == 0:
+            log.warning("skipped bad data (%d so far): %s", self.count, exn)
+        return True
+
+
+def collate(samples: list[dict]) -> dict:
+    return {k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor)
+            else torch.tensor([s[k] for s in samples]) for k in samples[0]}
+
+
+class ShardStream(IterableDataset):
+    """The per-rank stream of collated batches; one instance is copied into each DataLoader worker."""
+
+    def __init__(self, urls: list[str], views: Callable, batch_size: int, *, rank: int, world_size: int,
+                 seed: int, resampled: bool, shuffle_buffer: int, num_readers: int,
+                 positions: dict | None = None, rotation: int = 0):
+        self.urls, self.views, self.batch_size = list(urls), views, batch_size
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.resampled, self.shuffle_buffer, self.num_readers = resampled, shuffle_buffer, num_readers
+        self.positions = positions or {}  # reader -> (segment, index, skipped)
+        self.rotation = rotation
+        slots = world_size * num_readers
+        if not resampled and len(self.urls) < slots:
+            raise ValueError(f"epoch mode needs at least one shard per reader: {len(self.urls)} shards < "
+                             f"world size {world_size} x data.workers {num_readers}; write more shards, "
+                             "lower data.workers, or set data.resampled=true")
+
+    def segment_shards(self, reader: int, segment: int) -> list[str]:
+        slots = self.world_size * self.num_readers
+        slot = self.rank * self.num_readers + reader
+        if self.resampled:
+            rng = random.Random(mix_seed(self.seed, self.rank, reader, segment, 0))
+            return rng.choices(self.urls, k=max(1, math.ceil(len(self.urls) / slots)))
+        order = list(self.urls)
+        random.Random(mix_seed(self.seed, segment, 1)).shuffle(order)
+        return order[slot::slots]
+
+    def raw_samples(self, reader: int, segment: int, handler: SkipCounter) -> Iterator[dict]:
+        shards = self.segment_shards(reader, segment)
+        samples = tarfile_samples(iter([{"url": u} for u in shards]), handler=handler)
+        if self.shuffle_buffer > 1:
+            rng = random.Random(mix_seed(self.seed, self.rank, reader, segment, 2))
+            samples = _shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=rng)
+        return samples
+
+    def make_views(self, raw: dict, seed: int) -> dict:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            views = self.views(decode_image(raw))
+        views["labels"] = int(raw.get("cls", -1))
+        return views
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        reader = (worker + self.rotation) % self.num_readers
+        segment, start, skipped = self.positions.get(reader, (0, 0, 0))
+        handler = SkipCounter(skipped)
+        batch: list[dict] = []
+        empty = 0
+        while True:
+            read_any = False
+            for index, raw in enumerate(self.raw_samples(reader, segment, handler)):
+                if index < start:
+                    continue  # resuming: skip already-consumed samples without decoding them
+                read_any = True
+                try:
+                    batch.append(self.make_views(raw, mix_seed(self.seed, self.rank, reader, segment, index)))
+                except Exception as err:
+                    handler(err)
+                    continue
+                if len(batch) == self.batch_size:
+                    out = collate(batch)
+                    out["_position"] = torch.tensor([reader, segment, index + 1, handler.count])
+                    yield out
+                    batch = []
+            empty = 0 if read_any else empty + 1
+            if empty >= MAX_EMPTY_SEGMENTS:
+                raise RuntimeError(f"rank {self.rank} reader {reader}: {empty} segments in a row without a readable "
+                                   f"sample; check the shards (e.g. {self.segment_shards(reader, segment)[0]})")
+            segment, start = segment + 1, 0
+
+
+class StreamLoader:
+    """Iterates a rank's batches from DataLoader workers and tracks the stream position for checkpoints."""
+
+    def __init__(self, urls: list[str], views: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000, workers: int = 0,
+                 pin_memory: bool = False, state: dict | None = None):
+        readers = max(1, workers)
+        positions, rotation, self.batches = {}, 0, 0
+        if state:
+            if state["readers"] == readers and state["world_size"] == world_size:
+                positions = {int(k): tuple(v) for k, v in state["positions"].items()}
+                rotation, self.batches = state["next_reader"], state["batches"]
+            else:
+                # other reader layout: the old positions do not map, start fresh segments after them
+                first = 1 + max((v[0] for v in state["positions"].values()), default=0)
+                positions = {r: (first, 0, 0) for r in range(readers)}
+                self.batches = state["batches"]
+                log.warning("data stream: %d readers x %d ranks now vs %d x %d in the checkpoint; "
+                            "continuing from fresh segments instead of the exact position",
+                            readers, world_size, state["readers"], state["world_size"])
+        self.readers, self.world_size, self.batch_size = readers, world_size, batch_size
+        self.positions, self.next_reader = dict(positions), rotation
+        self.stream = ShardStream(urls, views, batch_size, rank=rank, world_size=world_size, seed=seed,
+                                  resampled=resampled, shuffle_buffer=shuffle_buffer, num_readers=readers,
+                                  positions=positions, rotation=rotation)
+        # its own generator: starting the workers must not draw from (and shift) the global torch RNG
+        self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
+                                 prefetch_factor=4 if workers else None, generator=torch.Generator())
+
+    @property
+    def samples_seen(self) -> int:
+        return self.batches * self.batch_size
+
+    @property
+    def skipped(self) -> int:
+        return sum(p[2] for p in self.positions.values())
+
+    def state_dict(self) -> dict:
+        return {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
+                "readers": self.readers, "world_size": self.world_size, "batches": self.batches}
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            reader, segment, index, skipped = batch.pop("_position").tolist()
+            self.positions[reader] = (segment, index, skipped)
+            self.next_reader = (reader + 1) % self.readers
+            self.batches += 1
+            yield batch
+
+
+class EvalStream(IterableDataset):
+    """Every sample of a shard set exactly once across ranks and workers, in a fixed order (evaluation)."""
+
+    def __init__(self, urls: list[str], views: Callable, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.urls, self.views, self.batch_size = list(urls), views, batch_size
+        self.rank, self.world_size = rank, world_size
+        self.skipped = SkipCounter()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        slots = self.world_size * workers
+        shards = self.urls[self.rank * workers + worker::slots]
+        batch = []
+        for raw in tarfile_samples(iter([{"url": u} for u in shards]), handler=self.skipped):
+            try:
+                views = self.views(decode_image(raw))
+            except Exception as err:
+                self.skipped(err)
+                continue
+            views["labels"] = int(raw.get("cls", -1))
+            batch.append(views)
+            if len(batch) == self.batch_size:
+                yield collate(batch)
+                batch = []
+        if batch:
+            yield collate(batch)
+
+
+def to_device(batch: dict, device: torch.device, mean, std) -> dict:
+    """Move a batch to `device`; uint8 image tensors become float, scaled to [0, 1] and normalised there."""
+    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    out = {}
+    for key, value in batch.items():
+        value = value.to(device, non_blocking=True)
+        if value.dtype == torch.uint8 and value.ndim == 4:
+            value = (value.float().div_(255) - mean) / std
+        out[key] = value
+    return out

@@ -1,0 +1,63 @@
+import pytest
+
+from train.config import ConfigError, load_config, save_config
+
+TINY_MODEL = ["model.img_size=32", "model.patch_size=4", "model.embed_dim=32", "model.num_heads=2", "train.steps=1"]
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(None, TINY_MODEL + ["optim.base_lr=1e-3", "model.depth=4", "data.crop_scale=[0.3,1]"])
+    assert cfg.optim.base_lr == pytest.approx(1e-3)  # "1e-3" is a string to YAML; accepted as a float
+    assert cfg.model.depth == 4
+    assert cfg.data.crop_scale == (0.3, 1.0)
+    assert cfg.method.name == "mae" and cfg.method.mask_ratio == 0.75
+
+
+def test_yaml_file_and_roundtrip(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  depth: 3\nmethod:\n  name: mae\n  mask_ratio: 0.6\n")
+    cfg = load_config(path, TINY_MODEL)
+    assert cfg.model.depth == 3 and cfg.method.mask_ratio == 0.6
+    save_config(cfg, tmp_path / "resolved.yaml")
+    assert load_config(tmp_path / "resolved.yaml") == cfg
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["optim.base_lrr=1"], "unknown config key 'optim.base_lrr' (did you mean 'optim.base_lr'?)"),
+    (["modle.depth=2"], "unknown config key 'modle' (did you mean 'model'?)"),
+    (["method.mask_ration=0.5"], "unknown config key 'method.mask_ration' (did you mean 'method.mask_ratio'?)"),
+    (["model.depth=two"], "model.depth: expected int, got 'two'"),
+    (["model.depth=2.5"], "model.depth: expected int"),
+    (["data.resampled=3"], "data.resampled: expected bool"),
+    (["data.crop_scale=[0.2]"], "data.crop_scale: expected a list of 2 values"),
+    (["model.img_size=30"], "model.img_size=30 is not divisible by model.patch_size=4"),
+    (["model.num_heads=3"], "model.embed_dim=32 is not divisible by model.num_heads=3"),
+    (["train.epochs=2"], "set exactly one of train.epochs"),
+    (["method.name=nope"], "method.name: unknown method 'nope'"),
+    (["method.mask_ratio=1.0"], "method.mask_ratio=1.0 must be in [0, 1)"),
+    (["train.precision=fp16"], "train.precision='fp16'"),
+    (["train.deepspeed=ds_configs/zero9.json"], "DeepSpeed config not found"),
+    (["data.crop_scale=[0.9,0.5]"], "data.crop_scale"),
+    (["run.resume=/no/such/ckpt"], "run.resume: checkpoint not found"),
+    (["optim.base_lr"], "expected key=value"),
+])
+def test_rejected_with_one_line(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, TINY_MODEL + overrides)
+    assert message in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_global_batch_must_divide_by_world_size():
+    load_config(None, TINY_MODEL + ["data.batch_size=8", "train.global_batch_size=64"], world_size=4)
+    with pytest.raises(ConfigError, match="not a multiple of data.batch_size x world size = 8 x 3"):
+        load_config(None, TINY_MODEL + ["data.batch_size=8", "train.global_batch_size=64"], world_size=3)
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "none.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)

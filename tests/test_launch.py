@@ -1,0 +1,68 @@
+"""The entry point as users run it: subprocesses, signals, two gloo ranks, the launcher environments."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import REPO, TINY, read_metrics
+from train.distributed import world_info_from_env
+
+
+def command(tmp_path, digits_dir, *overrides, launcher=()):
+    return [*launcher, "-m", "train.pretrain", *TINY, f"run.output_dir={tmp_path / 'run'}",
+            f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
+
+
+def run_env():
+    return {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+
+
+def test_world_info_from_launcher_variables():
+    assert world_info_from_env({}) == world_info_from_env({"RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1"})
+    torchrun = world_info_from_env({"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8"})
+    assert (torchrun.rank, torchrun.local_rank, torchrun.world_size) == (5, 1, 8)
+    slurm = world_info_from_env({"SLURM_PROCID": "7", "SLURM_LOCALID": "3", "SLURM_NTASKS": "16"})
+    assert (slurm.rank, slurm.local_rank, slurm.world_size) == (7, 3, 16)
+    # the launcher's own variables win over Slurm's (srun around torchrun)
+    both = world_info_from_env({"RANK": "1", "SLURM_PROCID": "0", "WORLD_SIZE": "2", "SLURM_NTASKS": "1"})
+    assert (both.rank, both.world_size) == (1, 2)
+
+
+def test_sigterm_checkpoints_and_resume_finishes(tmp_path, digits_dir):
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, *command(tmp_path, digits_dir, "train.steps=400")], cwd=tmp_path,
+                            env=run_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 300
+    while not ((out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3):
+        assert proc.poll() is None and time.time() < deadline, proc.stdout.read() if proc.poll() else "timeout"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    log = proc.communicate(timeout=300)[0]
+    assert proc.returncode == 0, log
+    stopped_at = max(read_metrics(out))
+    assert stopped_at < 400 and "stopped by signal at step" in log
+    assert (out / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
+    # the requeued job: same command, resumes automatically and runs to the end
+    done = subprocess.run([sys.executable, *command(tmp_path, digits_dir, "train.steps=" + str(stopped_at + 3))],
+                          cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"resumed from {out / 'checkpoints' / f'step_{stopped_at:08d}'}" in done.stderr
+    assert max(read_metrics(out)) == stopped_at + 3
+
+
+def test_two_gloo_ranks_under_torchrun(tmp_path, digits_dir):
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731"]
+    proc = subprocess.run([sys.executable, *command(tmp_path, digits_dir, "train.steps=4", "run.ckpt_every=2",
+                                                    "train.deepspeed=ds_configs/zero2.json", "data.workers=1",
+                                                    launcher=launcher)],
+                          cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    rows = read_metrics(out)
+    assert sorted(rows) == [1, 2, 3, 4]
+    assert rows[4]["data/samples_seen"] == 4 * 8  # per rank; both ranks stepped together
+    ckpt = out / "checkpoints" / "step_00000004"
+    assert (ckpt / "rank_00000.pt").exists() and (ckpt / "rank_00001.pt").exists()
+    assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-2 partitioned the optimizer over the ranks

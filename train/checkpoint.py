@@ -1,0 +1,136 @@
+"""Crash-safe checkpoints on top of DeepSpeed's sharded save/load.
+
+Layout under `<output_dir>/checkpoints/`:
+    step_00001000/          DeepSpeed's files (model, ZeRO-partitioned optimizer), plus
+        rank_00000.pt       per-rank RNG states and data-stream position
+        COMPLETE            written last, once every rank has finished writing
+    latest                  the tag of the newest complete checkpoint, replaced atomically
+
+A crash while writing leaves `latest` on the previous complete checkpoint; `find_resume_tag`
+falls back to the newest directory with a COMPLETE marker if `latest` is missing or points at
+an incomplete one. Rank 0 decides and broadcasts, so all ranks load the same tag.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from train.distributed import barrier, broadcast_object
+
+log = logging.getLogger(__name__)
+TAG_RE = re.compile(r"^step_(\d{8,})$")
+MARKER = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def complete_tags(ckpt_dir: Path) -> list[str]:
+    """Complete checkpoint tags, oldest first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / MARKER).exists()]
+    return sorted(tags, key=lambda t: int(TAG_RE.match(t).group(1)))
+
+
+def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, rank: int, keep_last: int) -> str:
+    """Write a checkpoint with every rank, then mark it complete and move `latest` to it.
+
+    `meta` (JSON: step, model and method settings) goes into the COMPLETE marker, so a resume can
+    check compatibility before touching DeepSpeed.
+    """
+    tag = tag_for(step)
+    if rank == 0:
+        (ckpt_dir / tag / MARKER).unlink(missing_ok=True)  # overwriting an old tag: incomplete until done
+    barrier()
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
+    torch.save(rank_state, ckpt_dir / tag / f"rank_{rank:05d}.pt")
+    barrier()
+    if rank == 0:
+        _atomic_write(ckpt_dir / tag / MARKER, json.dumps({"step": step, "time": time.time(), **meta}))
+        _atomic_write(ckpt_dir / "latest", tag)
+        for old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
+            if old != tag:
+                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+    barrier()
+    return tag
+
+
+def find_resume_tag(ckpt_dir: Path) -> str | None:
+    """The tag to resume from (decided by rank 0, broadcast to all), or None when there is none."""
+    tag = None
+    if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+        latest = ckpt_dir / "latest"
+        if latest.is_file() and (ckpt_dir / latest.read_text().strip() / MARKER).exists():
+            tag = latest.read_text().strip()
+        else:
+            tags = complete_tags(ckpt_dir)
+            tag = tags[-1] if tags else None
+            if latest.is_file():
+                log.warning("%s points at an incomplete checkpoint; resuming from %s instead", latest, tag)
+    return broadcast_object(tag)
+
+
+def resolve_resume(resume: str, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """`run.resume` ("auto", "" or a path to a checkpoint dir / tag dir) -> (checkpoint dir, tag)."""
+    if not resume:
+        return None
+    if resume == "auto":
+        tag = find_resume_tag(ckpt_dir)
+        return (ckpt_dir, tag) if tag else None
+    path = Path(resume)
+    if TAG_RE.match(path.name):
+        if not (path / MARKER).exists():
+            raise FileNotFoundError(f"run.resume: {path} is not a complete checkpoint (no {MARKER} marker)")
+        return path.parent, path.name
+    tag = find_resume_tag(path)
+    if tag is None:
+        raise FileNotFoundError(f"run.resume: no complete checkpoint under {path}")
+    return path, tag
+
+
+def read_meta(ckpt_dir: Path, tag: str) -> dict:
+    return json.loads((ckpt_dir / tag / MARKER).read_text())
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
+    """Load model + optimizer into `engine`; return (client_state, this rank's state or None)."""
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+    rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
+    rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else None
+    return client_state, rank_state

@@ -1,0 +1,292 @@
+"""Typed run configuration: dataclass defaults, a YAML delta per run, dotted command-line overrides.
+
+`load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
+validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
+`ConfigError` with one line naming the key, before any model or process group is built.
+"""
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake, reported as one actionable line."""
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    output_dir: str = ""  # default: runs/<name>
+    seed: int = 0
+    log_every: int = 10  # steps between console lines / TensorBoard scalars (one host sync each)
+    image_every: int = 0  # steps between TensorBoard image panels (0: only at the end)
+    ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep_last: int = 2  # completed checkpoints kept on disk
+    resume: str = "auto"  # "auto": latest complete checkpoint in output_dir if any; "": never; or a path
+
+
+@dataclass
+class DataConfig:
+    train: str = ""  # manifest .json, or shard pattern (brace / pipe: URLs); "" = embedded digits demo
+    val: str = ""  # held-out split (same forms) used by the end-of-run evaluation
+    num_samples: int = 0  # samples in `train` when it is a pattern without a manifest
+    batch_size: int = 64  # per-GPU micro batch
+    workers: int = 4  # DataLoader worker processes per rank
+    resampled: bool = True  # draw shards with replacement (True) or disjoint per-epoch splits (False)
+    shuffle_buffer: int = 2000
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    hflip: float = 0.5
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class ModelConfig:
+    img_size: int = 224
+    patch_size: int = 16
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    drop_path: float = 0.0
+    pos_embed: str = "sincos"  # "sincos" (fixed, as MAE) or "learned"
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4  # lr = base_lr * global_batch_size / 256 (MAE's rule)
+    min_lr: float = 0.0
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_epochs: float = 0.0
+    warmup_steps: int = 0  # used when warmup_epochs is 0
+    clip_grad: float = 0.0  # 0: off
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = 0.0  # length in passes over `data.train` (needs its sample count) ...
+    steps: int = 0  # ... or in optimizer steps; exactly one of them is set
+    global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
+    precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    deepspeed: str = "ds_configs/zero1.json"
+
+
+@dataclass
+class EvalConfig:
+    at_end: bool = True  # k-NN + linear probe of the encoder (and of a random one) after training
+    knn_k: int = 20
+    knn_temperature: float = 0.07
+    probe_epochs: int = 100
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    method: Any = None  # the method's own dataclass, chosen by `method.name`
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir or f"runs/{self.run.name}")
+
+
+def _method_config_class(name: Any):
+    from train.methods import METHODS
+
+    if name not in METHODS:
+        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
+    return METHODS[name].Config
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check `value` against the annotation `tp`, converting only where it is lossless."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(tp):
+            try:
+                return _coerce(value, option, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{key}: {value!r} is not a valid {tp}")
+    if tp is Any:
+        return value
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, list | tuple) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, t, f"{key}[{i}]") for i, (v, t) in enumerate(zip(value, args)))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, f"{key}.")
+    else:
+        raise ConfigError(f"{key}: unsupported config type {tp}")
+    raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in data:
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            raise ConfigError(f"unknown config key '{prefix}{key}'{hint}")
+    kwargs = {}
+    for name in names:
+        if name not in data:
+            continue
+        if cls is Config and name == "method":
+            method = data[name] or {}
+            if not isinstance(method, dict):
+                raise ConfigError(f"method: expected a mapping with a 'name', got {method!r}")
+            kwargs[name] = from_dict(_method_config_class(method.get("name", "mae")), method, "method.")
+        else:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
+    obj = cls(**kwargs)
+    if cls is Config and obj.method is None:
+        obj.method = _method_config_class("mae")()
+    return obj
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}: '{part}' is not a section")
+        node = child
+    node[leaf] = value
+
+
+def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
+    parsed = []
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.base_lr=1e-3")
+        key, raw = item.split("=", 1)
+        parsed.append((key.strip(), yaml.safe_load(raw) if raw.strip() else ""))
+    return parsed
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """Read a YAML delta over the defaults, apply `a.b=value` overrides, validate."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise ConfigError(f"{path}: top level must be a mapping of sections")
+    for key, value in parse_overrides(list(overrides)):
+        _set_dotted(tree, key, value)
+    cfg = from_dict(Config, tree)
+    validate(cfg, world_size)
+    return cfg
+
+
+def resolve_path(path: str) -> Path:
+    """A path as given, else relative to the repository (ds_configs/... from any working directory)."""
+    p = Path(path)
+    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+
+
+def validate(cfg: Config, world_size: int = 1) -> None:
+    """Reject impossible combinations with one line each."""
+    m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    if m.img_size % m.patch_size:
+        raise ConfigError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
+    if m.embed_dim % m.num_heads:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} is not divisible by model.num_heads={m.num_heads}")
+    if m.pos_embed not in ("sincos", "learned"):
+        raise ConfigError(f"model.pos_embed={m.pos_embed!r}: choose 'sincos' or 'learned'")
+    if m.pos_embed == "sincos" and m.embed_dim % 4:
+        raise ConfigError(f"model.embed_dim={m.embed_dim} must be divisible by 4 for sincos position embeddings")
+    if d.batch_size < 1:
+        raise ConfigError(f"data.batch_size={d.batch_size} must be >= 1")
+    if d.workers < 0:
+        raise ConfigError(f"data.workers={d.workers} must be >= 0")
+    if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
+        raise ConfigError(f"data.crop_scale={d.crop_scale} must satisfy 0 < min <= max <= 1")
+    if (t.epochs > 0) == (t.steps > 0):
+        raise ConfigError(f"set exactly one of train.epochs ({t.epochs}) and train.steps ({t.steps})")
+    if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:
+        raise ConfigError("train.epochs needs the sample count: point data.train at a manifest .json "
+                          "or set data.num_samples")
+    per_step = d.batch_size * world_size
+    if t.global_batch_size and t.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"data.batch_size x world size = {d.batch_size} x {world_size}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
+    if not resolve_path(t.deepspeed).is_file():
+        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
+    try:
+        json.loads(resolve_path(t.deepspeed).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    if o.base_lr <= 0 or o.min_lr < 0:
+        raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
+    if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
+        raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
+    if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
+        raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
+    check = getattr(cfg.method, "validate", None)
+    if check is not None:
+        check(cfg)
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))

@@ -1,0 +1,270 @@
+"""The method-agnostic training loop on DeepSpeed.
+
+The engine builds the method, its optimizer and the data stream, runs `method(batch, step)` ->
+`(loss, report)` through `deepspeed.initialize`'s engine, and owns checkpoints, resume,
+preemption and logging. It knows nothing about any particular method.
+"""
+
+import json
+import logging
+import math
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.augment import SingleView
+from data_pipeline.shards import build_digits_shards
+from data_pipeline.stream import StreamLoader, resolve_shards, to_device
+from train import checkpoint
+from train.config import Config, ConfigError, resolve_path, save_config, to_dict
+from train.distributed import WorldInfo, barrier, device_for, init_distributed
+from train.methods import build_method
+from train.monitor import Monitor, gpu_peak_flops
+from train.optim import lr_at, make_optimizer, param_groups, set_lr
+
+log = logging.getLogger("train")
+
+
+@dataclass
+class RunResult:
+    steps: int  # optimizer steps completed (cumulative over resumes)
+    stopped_early: bool  # a preemption signal ended the run before the last step
+    output_dir: Path
+    last_checkpoint: str | None
+    engine: object  # the DeepSpeed engine (its .module is the method)
+
+
+def use_bf16(cfg: Config) -> bool:
+    if cfg.train.precision == "auto":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return cfg.train.precision == "bf16"
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict:
+    """The JSON from `train.deepspeed`, with batch sizes, precision and clipping filled in from our config."""
+    path = resolve_path(cfg.train.deepspeed)
+    ds = json.loads(path.read_text())
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"{path}: remove '{key}'; the optimizer and lr schedule come from optim.*")
+    micro = cfg.data.batch_size
+    total = cfg.train.global_batch_size or micro * world_size
+    ds.update(
+        train_batch_size=total,
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=total // (micro * world_size),
+        gradient_clipping=cfg.optim.clip_grad,
+        bf16={"enabled": use_bf16(cfg)},
+        steps_per_print=10**12,
+    )
+    ds.setdefault("zero_allow_untested_optimizer", True)
+    return ds
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+
+
+def prepare_data(cfg: Config, world: WorldInfo) -> Config:
+    """With no `data.train`, write the embedded digits shards (rank 0) and point train/val at them."""
+    if cfg.data.train:
+        return cfg
+    shard_dir = cfg.output_dir / "shards"
+    if world.is_main:
+        build_digits_shards(shard_dir)
+    barrier()
+    cfg.data.train = str(shard_dir / "train.json")
+    cfg.data.val = cfg.data.val or str(shard_dir / "val.json")
+    return cfg
+
+
+def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) from epochs or steps."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    batch = cfg.train.global_batch_size or cfg.data.batch_size * world
+    steps_per_epoch = None
+    if num_samples:
+        steps_per_epoch = max(1, num_samples // batch)
+    if cfg.train.steps:
+        total = cfg.train.steps
+    elif steps_per_epoch is None:
+        raise ConfigError("train.epochs needs data.num_samples (or a manifest .json in data.train)")
+    else:
+        total = max(1, round(cfg.train.epochs * steps_per_epoch))
+    warmup = cfg.optim.warmup_steps
+    if cfg.optim.warmup_epochs:
+        if steps_per_epoch is None:
+            raise ConfigError("optim.warmup_epochs needs the sample count; use optim.warmup_steps")
+        warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
+    return total, min(warmup, total)
+
+
+class StopFlag:
+    """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); agreed on by all ranks every step."""
+
+    def __init__(self):
+        self.requested = False
+        self.group = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            # a CPU (gloo) group so the per-step agreement never waits on the GPU stream
+            self.group = dist.new_group(backend="gloo")
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        log.warning("received signal %d: checkpointing and exiting at the end of this step", signum)
+        self.requested = True
+
+    def agreed(self) -> bool:
+        if self.group is None:
+            return self.requested
+        flag = torch.tensor([int(self.requested)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        return bool(flag.item())
+
+    def restore(self):
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_DFL)
+
+
+def train(cfg: Config) -> RunResult:
+    """Run (or resume) pretraining as configured; every rank calls this."""
+    import deepspeed
+
+    world = init_distributed()
+    device = device_for(world)
+    out = cfg.output_dir
+    ckpt_dir = out / "checkpoints"
+    if world.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+    cfg = prepare_data(cfg, world)
+    shards = resolve_shards(cfg.data.train)
+    total_steps, warmup_steps = total_steps_for(cfg, cfg.data.num_samples or shards.num_samples)
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg)
+    ds_config = deepspeed_config(cfg, world.world_size)
+    global_batch = ds_config["train_batch_size"]
+    accum = ds_config["gradient_accumulation_steps"]
+    peak_lr = cfg.optim.base_lr * global_batch / 256
+    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), peak_lr, cfg.optim.betas,
+                               cpu_offload=offloads_optimizer(ds_config))
+    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+
+    step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
+    data_state = None
+    if resume:
+        resume_dir, tag = resume
+        meta = checkpoint.read_meta(resume_dir, tag)
+        ours = {"model": to_dict(cfg.model), "method": cfg.method.name}
+        if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
+            raise ConfigError(f"run.resume: {resume_dir / tag} was written by method {meta.get('method')} with "
+                              f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
+        client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank)
+        step = client_state["step"]
+        if rank_state is not None:
+            checkpoint.set_rng_state(rank_state["rng"])
+            data_state = rank_state["data"]
+        log.info("resumed from %s at step %d", resume_dir / tag, step)
+    else:
+        torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
+
+    loader = StreamLoader(
+        shards.urls, SingleView(cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip), cfg.data.batch_size,
+        rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
+        shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
+        state=data_state)
+
+    if world.is_main:
+        save_config(cfg, out / "config.yaml")
+        n_params = sum(p.numel() for p in method.parameters())
+        log.info("method %s, %.1fM parameters, %d steps (%d warmup), global batch %d = %d per rank x %d ranks x %d "
+                 "accumulation, precision %s, %s", cfg.method.name, n_params / 1e6, total_steps, warmup_steps,
+                 global_batch, cfg.data.batch_size, world.world_size, accum,
+                 "bf16" if use_bf16(cfg) else "fp32", Path(cfg.train.deepspeed).name)
+        log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, global_batch, peak_lr)
+    monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
+    module = engine.module
+    stop = StopFlag()
+    peak_flops = gpu_peak_flops()
+    flops_per_image = getattr(module, "flops_per_image", lambda: None)()
+    tokens_per_image = getattr(module, "tokens_per_image", lambda: None)()
+    last_tag, stopped = None, False
+    sums: dict[str, torch.Tensor] = {}
+    wait, t_log, steps_since = 0.0, time.perf_counter(), 0
+    batch = None
+    data = iter(loader)
+    try:
+        while step < total_steps:
+            lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
+            set_lr(optimizer, lr)
+            for _ in range(accum):
+                t0 = time.perf_counter()
+                batch = to_device(next(data), device, cfg.data.mean, cfg.data.std)
+                wait += time.perf_counter() - t0
+                loss, report = engine(batch, step)
+                engine.backward(loss)
+                engine.step()
+                for key, value in report.items():
+                    sums[key] = sums.get(key, 0) + value.detach().float() / accum
+            step += 1
+            steps_since += 1
+            if hasattr(module, "on_step_end"):
+                module.on_step_end(step)
+            stopped = stop.agreed()
+            save_now = stopped or step % cfg.run.ckpt_every == 0 or step == total_steps
+            if save_now or step % cfg.run.log_every == 0:
+                values = reduce_report(sums, steps_since)
+                if not all(math.isfinite(v) for v in values.values()):
+                    raise FloatingPointError(
+                        f"non-finite loss at step {step} ({values}); the last good checkpoint is {last_tag} in "
+                        f"{ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or check the data.")
+                elapsed = time.perf_counter() - t_log
+                values["train/lr"] = lr
+                grad_norm = engine.get_global_grad_norm()
+                if grad_norm is not None:
+                    values["train/grad_norm"] = float(grad_norm)
+                img_s = steps_since * global_batch / elapsed
+                values["perf/img_per_s"] = img_s
+                if tokens_per_image:
+                    values["perf/tokens_per_s"] = img_s * tokens_per_image
+                if peak_flops and flops_per_image:
+                    values["perf/mfu"] = img_s * flops_per_image / (peak_flops * world.world_size)
+                if device.type == "cuda":
+                    values["perf/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
+                values["data/wait_fraction"] = wait / elapsed
+                values["data/skipped"] = float(loader.skipped)
+                values["data/samples_seen"] = float(loader.samples_seen)
+                monitor.scalars(step, values)
+                sums, wait, t_log, steps_since = {}, 0.0, time.perf_counter(), 0
+            if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
+                monitor.images(step, module.visualize(batch))
+            if save_now:
+                meta = {"model": to_dict(cfg.model), "method": cfg.method.name, "config": to_dict(cfg)}
+                rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
+                last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
+            if stopped:
+                log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
+                break
+        if batch is not None and hasattr(module, "visualize"):
+            monitor.images(step, module.visualize(batch))
+    finally:
+        stop.restore()
+        monitor.close()
+    return RunResult(step, stopped, out, last_tag, engine)
+
+
+def reduce_report(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
+    """Mean of each reported value over the steps since the last log and over ranks (one host sync)."""
+    if not sums:
+        return {}
+    keys = sorted(sums)
+    stacked = torch.stack([sums[k] for k in keys]) / steps
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(stacked)
+        stacked /= dist.get_world_size()
+    return {f"train/{k}": v for k, v in zip(keys, stacked.tolist())}

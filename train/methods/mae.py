@@ -1,0 +1,112 @@
+"""MAE (He et al., 2022): reconstruct the pixels of randomly masked patches from the visible ones."""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from train.config import Config, ConfigError
+from train.models.decoder import MAEDecoder
+from train.models.masking import random_masking
+from train.models.vit import ViTEncoder
+
+
+@dataclass
+class MAEConfig:
+    name: str = "mae"
+    mask_ratio: float = 0.75
+    norm_pix_loss: bool = True
+    decoder_dim: int = 512
+    decoder_depth: int = 8
+    decoder_heads: int = 16
+
+    def validate(self, cfg: Config) -> None:
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in [0, 1)")
+        if self.decoder_dim % self.decoder_heads:
+            raise ConfigError(f"method.decoder_dim={self.decoder_dim} is not divisible by "
+                              f"method.decoder_heads={self.decoder_heads}")
+        if self.decoder_dim % 4:
+            raise ConfigError(f"method.decoder_dim={self.decoder_dim} must be divisible by 4 (sincos positions)")
+
+
+def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
+    """(B, C, H, W) -> (B, N, p*p*C), patches in raster order, pixels (row, col, channel) as MAE."""
+    b, c, h, w = images.shape
+    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
+    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // patch_size) * (w // patch_size), -1)
+
+
+def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
+    """Inverse of `patchify` for a square grid."""
+    b, n, _ = patches.shape
+    g = int(n**0.5)
+    x = patches.reshape(b, g, g, patch_size, patch_size, channels)
+    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, g * patch_size, g * patch_size)
+
+
+def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch mean/std normalised pixel targets (MAE's norm_pix_loss)."""
+    mean = target.mean(dim=-1, keepdim=True)
+    var = target.var(dim=-1, keepdim=True)
+    return (target - mean) / (var + eps) ** 0.5
+
+
+def per_patch_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
+    """Mean squared error of each patch (B, N), computed in float32."""
+    target = target.float()
+    if norm_pix_loss:
+        target = normalize_patches(target)
+    return (pred.float() - target).pow(2).mean(dim=-1)
+
+
+def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
+    """MSE per patch, averaged over the removed patches only (mask 1 = removed)."""
+    return (per_patch_loss(pred, target, norm_pix_loss) * mask).sum() / mask.sum()
+
+
+class MAE(nn.Module):
+    Config = MAEConfig
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.cfg = cfg.method
+        self.encoder = ViTEncoder(cfg.model)
+        m = cfg.method
+        self.num_keep = int(self.encoder.num_patches * (1 - m.mask_ratio))
+        self.decoder = MAEDecoder(self.encoder.grid_size, cfg.model.embed_dim, m.decoder_dim, m.decoder_depth,
+                                  m.decoder_heads, out_dim=cfg.model.patch_size**2 * 3)
+
+    def reconstruct(self, images: torch.Tensor):
+        """Random masking, encoder on the visible patches, decoder on all: (pred, target, mask)."""
+        ids_keep, ids_restore, mask = random_masking(images.shape[0], self.encoder.num_patches, self.num_keep,
+                                                     images.device)
+        latent = self.encoder.forward_features(images, ids_keep)
+        pred = self.decoder(latent, ids_restore)
+        return pred, patchify(images, self.encoder.patch_size), mask
+
+    def forward(self, batch: dict, step: int = 0):
+        pred, target, mask = self.reconstruct(batch["images"])
+        loss = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
+        return loss, {"loss": loss.detach()}
+
+    @torch.no_grad()
+    def visualize(self, batch: dict, n: int = 8) -> dict[str, torch.Tensor]:
+        """Rows of (original, masked input, reconstruction with visible patches pasted back), normalised units."""
+        images = batch["images"][:n]
+        pred, target, mask = self.reconstruct(images)
+        pred = pred.float()
+        if self.cfg.norm_pix_loss:  # undo the per-patch normalisation with the true patch statistics
+            pred = pred * (target.var(dim=-1, keepdim=True) + 1e-6) ** 0.5 + target.mean(dim=-1, keepdim=True)
+        m = mask.unsqueeze(-1)
+        p = self.encoder.patch_size
+        masked = unpatchify(target * (1 - m), p)
+        pasted = unpatchify(target * (1 - m) + pred * m, p)
+        return {"reconstruction": torch.cat([images.float(), masked, pasted], dim=3)}
+
+    def flops_per_image(self) -> float:
+        """Training FLOPs per image (forward x 3): encoder on the kept tokens, decoder on all."""
+        return 3 * (self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops())
+
+    def tokens_per_image(self) -> int:
+        return self.num_keep

@@ -1,0 +1,1 @@
+"""Encoder (timm ViT over token subsets), decoders and masking helpers shared by the methods."""

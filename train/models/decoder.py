@@ -1,0 +1,38 @@
+"""MAE's lightweight decoder: kept tokens + mask tokens in place, fixed sin-cos positions, timm blocks."""
+
+import torch
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from train.models.masking import restore_tokens
+from train.models.vit import init_mae_weights, sincos_pos_embed, vit_forward_flops
+
+
+class MAEDecoder(nn.Module):
+    def __init__(self, grid_size: tuple[int, int], encoder_dim: int, dim: int = 512, depth: int = 8,
+                 num_heads: int = 16, out_dim: int = 768, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.dim, self.depth, self.mlp_ratio = dim, depth, mlp_ratio
+        self.num_patches = grid_size[0] * grid_size[1]
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, dim), persistent=False)
+        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+        init_mae_weights(self)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + K, De) from the encoder -> predictions for all N patches (B, N, out_dim)."""
+        x = self.embed(latent)
+        patches = restore_tokens(x[:, 1:], ids_restore, self.mask_token)
+        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
+        x = self.norm(self.blocks(x))
+        return self.pred(x[:, 1:])
+
+    def no_weight_decay(self) -> set[str]:
+        return {"mask_token"}
+
+    def forward_flops(self) -> float:
+        return vit_forward_flops(self.num_patches + 1, self.dim, self.depth, self.mlp_ratio)

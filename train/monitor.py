@@ -1,0 +1,65 @@
+"""Rank-0 logging: TensorBoard scalars and images, a metrics.jsonl file and a console progress line."""
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+log = logging.getLogger("train")
+
+# dense bf16 tensor-core peak FLOP/s by device name (for MFU)
+BF16_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
+
+
+def gpu_peak_flops() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in BF16_PEAK_FLOPS.items() if k in name), None)
+
+
+class Monitor:
+    def __init__(self, out_dir: Path, enabled: bool, total_steps: int, mean, std):
+        self.enabled, self.total_steps = enabled, total_steps
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.start = time.time()
+        self.writer = SummaryWriter(str(out_dir / "tb")) if enabled else None
+        self.jsonl = open(out_dir / "metrics.jsonl", "a") if enabled else None
+
+    def scalars(self, step: int, values: dict[str, float], console: bool = True) -> None:
+        if not self.enabled:
+            return
+        for key, value in values.items():
+            self.writer.add_scalar(key, value, step)
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        if console:
+            elapsed = time.time() - self.start
+            parts = [f"step {step}/{self.total_steps}"]
+            parts += [f"{k.split('/')[-1]} {v:.4g}" for k, v in values.items() if k.startswith("train/")]
+            if "perf/img_per_s" in values:
+                parts.append(f"{values['perf/img_per_s']:.0f} img/s")
+            if "perf/mfu" in values:
+                parts.append(f"MFU {values['perf/mfu']:.2f}")
+            parts.append(f"data wait {values.get('data/wait_fraction', 0):.0%}")
+            parts.append(f"skipped {values.get('data/skipped', 0):.0f}")
+            parts.append(f"{elapsed / 60:.1f} min")
+            log.info(" | ".join(parts))
+
+    def images(self, step: int, panels: dict[str, torch.Tensor]) -> None:
+        """Panels of normalised images (N, 3, H, W), shown unnormalised and clamped to [0, 1]."""
+        if not self.enabled:
+            return
+        for name, images in panels.items():
+            images = (images.detach().float().cpu() * self.std + self.mean).clamp(0, 1)
+            self.writer.add_images(f"images/{name}", images, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()

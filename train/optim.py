@@ -1,0 +1,44 @@
+"""Parameter groups and the learning-rate schedule (a pure function of the step)."""
+
+import math
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+
+def no_weight_decay_names(model: nn.Module) -> set[str]:
+    """Full names of the parameters that submodules exclude via timm's `no_weight_decay()` convention."""
+    names = set()
+    for prefix, module in model.named_modules():
+        if hasattr(module, "no_weight_decay"):
+            names |= {f"{prefix}.{n}" if prefix else n for n in module.no_weight_decay()}
+    return names
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position embeddings and special tokens; frozen params left out."""
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+
+
+def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
+    """Linear warmup to `peak_lr`, then half-cosine decay to `min_lr` at `total_steps` (per step, as MAE)."""
+    if step < warmup_steps:
+        return peak_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return min_lr + (peak_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Set every group's lr, scaled by its `lr_scale` (layer-wise decay) where it has one."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
+def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cpu_offload: bool):
+    """torch AdamW (fused on GPU); DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the host."""
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
