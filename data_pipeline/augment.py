@@ -27,6 +27,21 @@ def decode_image(sample: dict) -> Image.Image:
                          f"{key} ({err})") from None
 
 
+def _blur(size: int, p: float):
+    """Gaussian blur with sigma in [0.1, 2] and a kernel of ~10% of the crop (SimCLR / BYOL / DINO)."""
+    kernel = max(3, int(0.1 * size) // 2 * 2 + 1)
+    return v2.RandomApply([v2.GaussianBlur(kernel, sigma=(0.1, 2.0))], p=p)
+
+
+def _crop_flip_jitter(size: int, scale, jitter=(0.4, 0.4, 0.2, 0.1), jitter_p: float = 0.8):
+    return [
+        v2.RandomResizedCrop(size, scale=tuple(scale), interpolation=v2.InterpolationMode.BICUBIC),
+        v2.RandomHorizontalFlip(),
+        v2.RandomApply([v2.ColorJitter(*jitter)], p=jitter_p),
+        v2.RandomGrayscale(p=0.2),
+    ]
+
+
 class SingleView:
     """One random-resized-crop + flip view, as MAE and the other masked-image methods use."""
 
@@ -53,3 +68,53 @@ class EvalView:
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         return {"images": self.transform(img)}
+
+
+class TwoViews:
+    """Two augmented views stacked as `views` (B, 2, 3, H, W).
+
+    `asymmetric=True` is the BYOL recipe MoCo-v3 uses (blur 1.0 / 0.1, solarize only on the second);
+    `False` is SimCLR's symmetric recipe (colour jitter strength 1.0, blur 0.5 on both).
+    """
+
+    def __init__(self, img_size: int, crop_scale=(0.08, 1.0), asymmetric: bool = True):
+        if asymmetric:
+            first = _crop_flip_jitter(img_size, crop_scale) + [_blur(img_size, 1.0)]
+            second = _crop_flip_jitter(img_size, crop_scale) + [_blur(img_size, 0.1), v2.RandomSolarize(128, p=0.2)]
+        else:
+            first = _crop_flip_jitter(img_size, crop_scale, (0.8, 0.8, 0.8, 0.2)) + [_blur(img_size, 0.5)]
+            second = first
+        self.first = v2.Compose(first + [v2.PILToTensor()])
+        self.second = v2.Compose(second + [v2.PILToTensor()])
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return {"views": torch.stack([self.first(img), self.second(img)])}
+
+
+class MultiCrop:
+    """DINO's multi-crop: two global views (as MoCo-v3's pair) in `views` (B, 2, 3, H, W) and
+    `num_local` small crops in `local_views` (B, L, 3, h, w)."""
+
+    def __init__(self, img_size: int, crop_scale=(0.4, 1.0), num_local: int = 8, local_size: int = 96,
+                 local_crop_scale=(0.05, 0.4)):
+        self.global_views = TwoViews(img_size, crop_scale, asymmetric=True)
+        self.local = v2.Compose(_crop_flip_jitter(local_size, local_crop_scale) + [_blur(local_size, 0.5),
+                                                                                   v2.PILToTensor()])
+        self.num_local = num_local
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        out = self.global_views(img)
+        if self.num_local:
+            out["local_views"] = torch.stack([self.local(img) for _ in range(self.num_local)])
+        return out
+
+
+def build_views(data, img_size: int):
+    """The training views named by `data.views` ("single", "moco_v3", "simclr" or "dino")."""
+    if data.views == "single":
+        return SingleView(img_size, data.crop_scale, data.hflip)
+    if data.views in ("moco_v3", "simclr"):
+        return TwoViews(img_size, data.crop_scale, asymmetric=data.views == "moco_v3")
+    if data.views == "dino":
+        return MultiCrop(img_size, data.crop_scale, data.local_crops, data.local_size, data.local_crop_scale)
+    raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr or dino")

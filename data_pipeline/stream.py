@@ -246,13 +246,13 @@ class EvalStream(IterableDataset):
 
 
 def to_device(batch: dict, device: torch.device, mean, std) -> dict:
-    """Move a batch to `device`; uint8 image tensors become float, scaled to [0, 1] and normalised there."""
-    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
+    """Move a batch to `device`; uint8 images (..., 3, H, W) become float, scaled to [0, 1] and normalised there."""
+    mean = torch.tensor(mean, device=device).view(-1, 1, 1)
+    std = torch.tensor(std, device=device).view(-1, 1, 1)
     out = {}
     for key, value in batch.items():
         value = value.to(device, non_blocking=True)
-        if value.dtype == torch.uint8 and value.ndim == 4:
+        if value.dtype == torch.uint8 and value.ndim >= 4:
             value = (value.float().div_(255) - mean) / std
         out[key] = value
     return out

@@ -158,3 +158,28 @@ def test_stream_resumes_exactly(digits_dir, workers):
         assert torch.equal(a["images"], b["images"]) and torch.equal(a["labels"], b["labels"])
     # and the stream is not constant: different batches differ
     assert not torch.equal(full[0]["images"], full[1]["images"])
+
+
+@pytest.mark.parametrize("views, keys", [
+    ("single", {"images": (4, 3, 16, 16)}),
+    ("moco_v3", {"views": (4, 2, 3, 16, 16)}),
+    ("simclr", {"views": (4, 2, 3, 16, 16)}),
+    ("dino", {"views": (4, 2, 3, 16, 16), "local_views": (4, 3, 3, 8, 8)}),
+])
+def test_views_per_method(digits_dir, views, keys):
+    from data_pipeline.augment import build_views
+    from data_pipeline.stream import to_device
+    from train.config import DataConfig
+
+    data = DataConfig(views=views, local_crops=3, local_size=8)
+    urls = resolve_shards(str(digits_dir / "train.json")).urls
+    batch = next(iter(StreamLoader(urls, build_views(data, 16), batch_size=4)))
+    assert {k: tuple(v.shape) for k, v in batch.items() if k != "labels"} == keys
+    assert all(batch[k].dtype == torch.uint8 for k in keys)
+    on_device = to_device(batch, torch.device("cpu"), data.mean, data.std)
+    mean, std = torch.tensor(data.mean).view(3, 1, 1), torch.tensor(data.std).view(3, 1, 1)
+    for key in keys:  # normalised per channel, on every view
+        expected = (batch[key].float() / 255 - mean) / std
+        assert torch.allclose(on_device[key], expected)
+    if views != "single":  # the two views of one image differ
+        assert not torch.equal(batch["views"][:, 0], batch["views"][:, 1])

@@ -18,6 +18,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("auto", "bf16", "fp32")
+VIEWS = ("single", "moco_v3", "simclr", "dino")
 
 
 class ConfigError(ValueError):
@@ -45,8 +46,12 @@ class DataConfig:
     workers: int = 4  # DataLoader worker processes per rank
     resampled: bool = True  # draw shards with replacement (True) or disjoint per-epoch splits (False)
     shuffle_buffer: int = 2000
-    crop_scale: tuple[float, float] = (0.2, 1.0)
-    hflip: float = 0.5
+    views: str = "single"  # single (MAE family) | moco_v3 | simclr (two views) | dino (2 global + local crops)
+    crop_scale: tuple[float, float] = (0.2, 1.0)  # of the (global) crops
+    hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
+    local_crops: int = 8  # dino
+    local_size: int = 96
+    local_crop_scale: tuple[float, float] = (0.05, 0.4)
     mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
     std: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
@@ -257,8 +262,12 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"data.batch_size={d.batch_size} must be >= 1")
     if d.workers < 0:
         raise ConfigError(f"data.workers={d.workers} must be >= 0")
-    if not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
-        raise ConfigError(f"data.crop_scale={d.crop_scale} must satisfy 0 < min <= max <= 1")
+    if d.views not in VIEWS:
+        raise ConfigError(f"data.views={d.views!r}: choose one of {VIEWS}")
+    for key in ("crop_scale", "local_crop_scale"):
+        low, high = getattr(d, key)
+        if not 0 < low <= high <= 1:
+            raise ConfigError(f"data.{key}={getattr(d, key)} must satisfy 0 < min <= max <= 1")
     if (t.epochs > 0) == (t.steps > 0):
         raise ConfigError(f"set exactly one of train.epochs ({t.epochs}) and train.steps ({t.steps})")
     if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from data_pipeline.augment import SingleView
+from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
 from data_pipeline.stream import StreamLoader, resolve_shards, to_device
 from train import checkpoint
@@ -174,7 +174,7 @@ def train(cfg: Config) -> RunResult:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
 
     loader = StreamLoader(
-        shards.urls, SingleView(cfg.model.img_size, cfg.data.crop_scale, cfg.data.hflip), cfg.data.batch_size,
+        shards.urls, build_views(cfg.data, cfg.model.img_size), cfg.data.batch_size,
         rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
         state=data_state)

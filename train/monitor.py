@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from torch.utils.tensorboard import SummaryWriter
+from torchvision.utils import make_grid
 
 log = logging.getLogger("train")
 
@@ -51,12 +52,12 @@ class Monitor:
             log.info(" | ".join(parts))
 
     def images(self, step: int, panels: dict[str, torch.Tensor]) -> None:
-        """Panels of normalised images (N, 3, H, W), shown unnormalised and clamped to [0, 1]."""
+        """Panels of normalised images (N, 3, H, W), one per row, unnormalised and clamped to [0, 1]."""
         if not self.enabled:
             return
         for name, images in panels.items():
             images = (images.detach().float().cpu() * self.std + self.mean).clamp(0, 1)
-            self.writer.add_images(f"images/{name}", images, step)
+            self.writer.add_image(f"images/{name}", make_grid(images, nrow=1, padding=1), step)
         self.writer.flush()
 
     def close(self) -> None:
