@@ -16,7 +16,10 @@ def command(tmp_path, digits_dir, *overrides, launcher=()):
 
 
 def run_env():
-    return {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    """This process's environment without the rendezvous variables an in-process run may have set."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    return {**env, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def test_world_info_from_launcher_variables():
