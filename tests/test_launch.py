@@ -56,7 +56,9 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, digits_dir):
 
 
 def test_two_gloo_ranks_under_torchrun(tmp_path, digits_dir):
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29731"]
+    from train.distributed import free_port
+
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
     proc = subprocess.run([sys.executable, *command(tmp_path, digits_dir, "train.steps=4", "run.ckpt_every=2",
                                                     "train.deepspeed=ds_configs/zero2.json", "data.workers=1",
                                                     launcher=launcher)],

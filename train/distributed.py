@@ -43,7 +43,7 @@ def slurm_master_addr(nodelist: str) -> str:
     return out.stdout.split()[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -71,7 +71,7 @@ def init_distributed() -> WorldInfo:
             job = int(os.environ.get("SLURM_JOB_ID", "0"))
             os.environ["MASTER_PORT"] = str(20000 + job % 20000 if job else 29500)
         else:
-            os.environ["MASTER_PORT"] = str(_free_port())
+            os.environ["MASTER_PORT"] = str(free_port())
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
     import deepspeed
