@@ -6,12 +6,12 @@ import subprocess
 import sys
 import time
 
-from conftest import REPO, TINY, read_metrics
+from conftest import REPO, read_metrics, tiny_overrides
 from train.distributed import world_info_from_env
 
 
 def command(tmp_path, digits_dir, *overrides, launcher=()):
-    return [*launcher, "-m", "train.pretrain", *TINY, f"run.output_dir={tmp_path / 'run'}",
+    return [*launcher, "-m", "train.pretrain", *tiny_overrides(), f"run.output_dir={tmp_path / 'run'}",
             f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
 
 

@@ -49,15 +49,15 @@ def test_encoder_ignores_masked_patches():
     enc = ViTEncoder(TINY).eval()
     images = torch.randn(2, 3, 16, 16)
     ids_keep, _, mask = random_masking(2, 16, 4, images.device)
-    out = enc.forward_features(images, ids_keep)
+    out = enc(images, ids_keep)
     assert out.shape == (2, 5, 32)
     # change only the masked patches: the encoder output must not move
     noise = patchify(torch.randn_like(images), 4) * mask.unsqueeze(-1)
     changed = images + unpatchify(noise, 4)
-    assert torch.allclose(enc.forward_features(changed, ids_keep), out, atol=1e-6)
+    assert torch.allclose(enc(changed, ids_keep), out, atol=1e-6)
     # keeping all patches in order is the plain full forward
     all_ids = torch.arange(16).expand(2, -1)
-    assert torch.allclose(enc.forward_features(images, all_ids), enc.forward_features(images), atol=1e-6)
+    assert torch.allclose(enc(images, all_ids), enc(images), atol=1e-6)
 
 
 def test_mae_forward_matches_its_parts():
@@ -86,8 +86,8 @@ def test_export_loads_into_timm_and_gives_same_features():
     missing, unexpected = model.load_state_dict(enc.vit.state_dict(), strict=True)
     assert not missing and not unexpected
     images = torch.randn(2, 3, 16, 16)
-    assert torch.allclose(model(images), enc(images), atol=1e-5)
-    assert torch.allclose(model.forward_features(images), enc.forward_features(images), atol=1e-5)
+    assert torch.allclose(model(images), enc(images, pool="token"), atol=1e-5)
+    assert torch.allclose(model.forward_features(images), enc(images), atol=1e-5)
 
 
 @pytest.mark.parametrize("name, dims", [

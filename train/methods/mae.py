@@ -81,7 +81,7 @@ class MAE(nn.Module):
         """Random masking, encoder on the visible patches, decoder on all: (pred, target, mask)."""
         ids_keep, ids_restore, mask = random_masking(images.shape[0], self.encoder.num_patches, self.num_keep,
                                                      images.device)
-        latent = self.encoder.forward_features(images, ids_keep)
+        latent = self.encoder(images, ids_keep)
         pred = self.decoder(latent, ids_restore)
         return pred, patchify(images, self.encoder.patch_size), mask
 

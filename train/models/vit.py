@@ -67,6 +67,11 @@ class ViTEncoder(nn.Module):
             nn.init.trunc_normal_(self.vit.pos_embed, std=0.02)
         if cfg.grad_checkpointing:
             self.vit.set_grad_checkpointing(True)
+        # forward() reads these outside vit.forward(): tell ZeRO-3 to gather them for this module
+        import deepspeed
+
+        for param in (self.vit.cls_token, self.vit.pos_embed):
+            deepspeed.zero.register_external_parameter(self, param)
 
     @property
     def grid_size(self) -> tuple[int, int]:
@@ -89,26 +94,30 @@ class ViTEncoder(nn.Module):
         x = self.vit.patch_embed(images.to(self.vit.patch_embed.proj.weight.dtype))
         return x + self.vit.pos_embed[:, 1:]
 
-    def forward_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Prepend the class token to already-embedded patch tokens and run the blocks and final norm."""
-        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
-        if self.vit.grad_checkpointing and torch.is_grad_enabled():
-            x = checkpoint_seq(self.vit.blocks, x)
-        else:
-            x = self.vit.blocks(x)
-        return self.vit.norm(x)
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
+                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode the kept patch tokens (all N when `ids_keep` is None).
 
-    def forward_features(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
-        """(B, 1 + K, D): class token + the kept patch tokens (all N when `ids_keep` is None)."""
+        Returns (B, 1 + K, D) tokens (class token first) after the final norm, or with `pool`
+        ("token": the class token, "avg": mean of the patch tokens) (B, D) features. `attn_mask`
+        is passed to every block (timm semantics). Call the module, not a helper method: ZeRO-3
+        gathers the class token and position embeddings in this module's forward hook.
+        """
         tokens = self.embed(images)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
-        return self.forward_tokens(tokens)
-
-    def forward(self, images: torch.Tensor, pool: str = "token") -> torch.Tensor:
-        """Pooled features (B, D) for evaluation: the class token or the mean of the patch tokens."""
-        x = self.forward_features(images)
+        cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
+        x = torch.cat([cls, tokens], dim=1)
+        if attn_mask is not None:
+            for block in self.vit.blocks:
+                x = block(x, attn_mask=attn_mask)
+        elif self.vit.grad_checkpointing and torch.is_grad_enabled():
+            x = checkpoint_seq(self.vit.blocks, x)
+        else:
+            x = self.vit.blocks(x)
+        x = self.vit.norm(x)
+        if pool is None:
+            return x
         return x[:, 0] if pool == "token" else x[:, 1:].mean(dim=1)
 
     def no_weight_decay(self) -> set[str]:
