@@ -38,6 +38,14 @@ class RunResult:
     engine: object  # the DeepSpeed engine (its .module is the method)
 
 
+ARCHITECTURE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pos_embed")
+
+
+def architecture(cfg: Config) -> dict:
+    """The model settings a checkpoint's weights depend on (drop path or checkpointing may change on resume)."""
+    return {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
+
+
 def use_bf16(cfg: Config) -> bool:
     if cfg.train.precision == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -160,7 +168,7 @@ def train(cfg: Config) -> RunResult:
     if resume:
         resume_dir, tag = resume
         meta = checkpoint.read_meta(resume_dir, tag)
-        ours = {"model": to_dict(cfg.model), "method": cfg.method.name}
+        ours = {"model": architecture(cfg), "method": cfg.method.name}
         if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
             raise ConfigError(f"run.resume: {resume_dir / tag} was written by method {meta.get('method')} with "
                               f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
@@ -244,7 +252,7 @@ def train(cfg: Config) -> RunResult:
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
-                meta = {"model": to_dict(cfg.model), "method": cfg.method.name, "config": to_dict(cfg)}
+                meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
                 rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
             if stopped:
