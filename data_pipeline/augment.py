@@ -1,7 +1,10 @@
 """Decoding and per-method views on the CPU. Views are uint8 tensors; normalisation happens on device."""
 
+import contextlib
 import io
+import random
 
+import numpy as np
 import torch
 from PIL import Image
 from torchvision.transforms import v2
@@ -54,6 +57,48 @@ class SingleView:
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         return {"images": self.transform(img)}
+
+
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int):
+    """Seed Python's and NumPy's global RNGs for the duration, then restore them."""
+    state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
+class FinetuneView:
+    """MAE/BEiT fine-tuning: random-resized crop (bicubic), flip and timm's RandAugment ("rand-m9-mstd0.5-inc1").
+
+    Random erasing and Mixup/CutMix act on the normalised batch on the device (the finetune method).
+    """
+
+    def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
+                 rand_augment: str = "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)):
+        from timm.data.auto_augment import rand_augment_transform
+
+        self.crop = v2.Compose([
+            v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(hflip),
+        ])
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+                   "interpolation": Image.BICUBIC}
+        self.rand_augment = rand_augment_transform(rand_augment, hparams) if rand_augment else None
+        self.to_tensor = v2.PILToTensor()
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        img = self.crop(img)
+        if self.rand_augment is not None:
+            # RandAugment draws from Python's and NumPy's global RNGs: seed them from torch's (seeded
+            # per sample by the stream), so a resumed stream reproduces the same images
+            with seeded_global_rngs(int(torch.randint(2**31, ()))):
+                img = self.rand_augment(img)
+        return {"images": self.to_tensor(img)}
 
 
 class EvalView:
@@ -110,11 +155,13 @@ class MultiCrop:
 
 
 def build_views(data, img_size: int):
-    """The training views named by `data.views` ("single", "moco_v3", "simclr" or "dino")."""
+    """The training views named by `data.views` ("single", "moco_v3", "simclr", "dino" or "finetune")."""
     if data.views == "single":
         return SingleView(img_size, data.crop_scale, data.hflip)
     if data.views in ("moco_v3", "simclr"):
         return TwoViews(img_size, data.crop_scale, asymmetric=data.views == "moco_v3")
+    if data.views == "finetune":
+        return FinetuneView(img_size, data.crop_scale, data.hflip, data.rand_augment, data.mean)
     if data.views == "dino":
         return MultiCrop(img_size, data.crop_scale, data.local_crops, data.local_size, data.local_crop_scale)
-    raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr or dino")
+    raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr, dino or finetune")

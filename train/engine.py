@@ -10,6 +10,7 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,8 +140,12 @@ class StopFlag:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def train(cfg: Config) -> RunResult:
-    """Run (or resume) pretraining as configured; every rank calls this."""
+def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None) -> RunResult:
+    """Run (or resume) pretraining as configured; every rank calls this.
+
+    `evaluate(module, step)`, if given, runs on every rank after each checkpoint (not after a
+    preemption stop); the scalars it returns go to TensorBoard and metrics.jsonl.
+    """
     import deepspeed
 
     world = init_distributed()
@@ -159,8 +164,9 @@ def train(cfg: Config) -> RunResult:
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
     peak_lr = cfg.optim.base_lr * global_batch / 256
-    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), peak_lr, cfg.optim.betas,
-                               cpu_offload=offloads_optimizer(ds_config))
+    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay), peak_lr,
+                               cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config), name=cfg.optim.optimizer,
+                               momentum=cfg.optim.momentum)
     engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
 
     step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
@@ -255,6 +261,9 @@ def train(cfg: Config) -> RunResult:
                 meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
                 rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
+                if evaluate is not None and not stopped:
+                    monitor.scalars(step, evaluate(module, step), console=False)
+                    t_log = time.perf_counter()  # evaluation time is not training throughput
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
                 break

@@ -7,10 +7,13 @@ teachers), `flops_per_image()` and `tokens_per_image()` (throughput logging), an
 attribute (a `train.models.vit.ViTEncoder`) that evaluation and export use.
 """
 
+from train.methods.classify import Finetune, LinearProbe
 from train.methods.mae import MAE
 
 METHODS = {
     "mae": MAE,
+    "finetune": Finetune,  # supervised, on a pretrained encoder (train.eval.finetune)
+    "linear_probe": LinearProbe,  # frozen encoder (train.eval.linear_probe)
 }
 
 

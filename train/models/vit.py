@@ -136,6 +136,6 @@ class ViTEncoder(nn.Module):
         name = f"vit_{size}_patch{c.patch_size}_{c.img_size}" if size else ""
         if name and name in timm.list_models(name):
             return name, {}
-        base = f"vit_{size or 'base'}_patch16_224"
-        return base, {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
+        # not a registered name: timm's base model with every architecture argument given
+        return "vit_base_patch16_224", {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
                       "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}
