@@ -140,7 +140,7 @@ class ShardStream(IterableDataset):
     def make_views(self, raw: dict, seed: int) -> dict:
         from_sample = getattr(self.views, "from_sample", None)  # views that need the encoded bytes
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding (slow)
             views = from_sample(raw) if from_sample else self.views(decode_image(raw))
         views["labels"] = int(raw.get("cls", -1))
         return views

@@ -204,3 +204,40 @@ def test_views_follow_the_official_recipes_and_are_configurable():
         load_config(None, tiny + ["data.decode=nvjpeg"])
     with pytest.raises(ConfigError, match="data.decode=gpu decodes single views only, not data.views='dino'"):
         load_config(None, tiny + ["data.decode=gpu", "data.views=dino"])
+
+
+def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
+    """Through the engine with decoding in the training process (the GPU path's code, here on the CPU)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from conftest import read_metrics
+    from train.engine import train
+
+    samples = [Sample(f"k{i}", photo(i, (20, 20)), "jpg", i % 4, str(i % 4)) for i in range(40)]
+    for i in (3, 17, 29):
+        samples[i].data = b"" if i == 3 else photo(i)[:300]  # an empty and two truncated files per pass
+    write_shards(samples, tmp_path / "bad", "train", [str(c) for c in range(4)], max_count=10)
+    cfg = make_cfg("train.steps=6", f"data.train={tmp_path / 'bad' / 'train.json'}", "data.decode=gpu",
+                   name="skips")
+    train(cfg)
+    rows = read_metrics(cfg.output_dir)
+    assert rows[6]["data/samples_seen"] == 48  # 48 good samples read: one full pass of 37 and more
+    assert rows[6]["data/skipped"] >= 3
+    events = EventAccumulator(str(cfg.output_dir / "tb"))
+    events.Reload()
+    logged = [e.value for e in events.Scalars("data/skipped")]
+    assert logged == [rows[s]["data/skipped"] for s in sorted(rows)] and logged == sorted(logged)
+
+
+def test_data_throughput_benchmark_prints_its_table(tmp_path, capsys):
+    from benchmarks.data_throughput import main, synthetic_jpeg
+
+    assert 80_000 < len(synthetic_jpeg(0)) < 140_000  # ImageNet-like: 500x375, about 110 KB
+    rows = main(["--dir", str(tmp_path), "--images", "8", "--shard-size", "4", "--source-size", "64x48",
+                 "--img-size", "32", "--batch-size", "4", "--workers", "0,1", "--seconds", "0.2", "--warmup", "1"])
+    assert [(r["path"], r["workers"]) for r in rows][:4] == [("cpu", 0), ("cpu", 1), ("gpu-workers", 0),
+                                                             ("gpu-workers", 1)]
+    assert all(r["img_s"] > 0 for r in rows)
+    out = capsys.readouterr().out
+    assert "target: 3 x 2600 img/s (MAE ViT-L on one H100) = 7800 img/s" in out
+    assert "cpu on a 16-core node, extrapolated:" in out
