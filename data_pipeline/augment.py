@@ -153,7 +153,7 @@ class DeviceSingleView(SingleView):
         if jpegs:
             try:
                 decoded = decode_jpeg([chunks[i] for i in jpegs], mode=ImageReadMode.RGB, device=device)
-            except RuntimeError:
+            except Exception:  # one bad image fails the whole batched call: decode one by one
                 decoded = [self._decode_one(chunks[i], device) for i in jpegs]
             for i, img in zip(jpegs, decoded):
                 images[i] = img
@@ -163,7 +163,7 @@ class DeviceSingleView(SingleView):
     def _decode_one(chunk: torch.Tensor, device: torch.device):
         try:
             return decode_jpeg(chunk, mode=ImageReadMode.RGB, device=device)
-        except RuntimeError:
+        except Exception:
             try:  # the device decoder's gaps (e.g. arithmetic coding): PIL on the CPU
                 return pil_to_tensor(to_rgb(Image.open(io.BytesIO(chunk.numpy().tobytes())))).to(device)
             except Exception:
@@ -268,6 +268,8 @@ def decode_on_device(data, device: torch.device | None) -> bool:
     on_cuda = device is not None and device.type == "cuda"
     if data.decode == "gpu" and not on_cuda:
         log.warning("data.decode=gpu without CUDA: decoding in the training process on %s", device or "cpu")
+    elif on_cuda:
+        log.info("data.decode=%s: workers read bytes, JPEGs are decoded on %s (nvjpeg)", data.decode, device)
     return data.decode == "gpu" or on_cuda
 
 

@@ -50,6 +50,16 @@ def test_pipe_and_brace_urls_stream_every_sample(tmp_path):
     assert sorted(labels) == list(range(12)) and loader.skipped == 0
 
 
+def test_fewer_shards_than_readers(tmp_path, caplog):
+    urls = numbered_shards(tmp_path, 6, 3)
+    with pytest.raises(ValueError, match=r"epoch mode needs at least one shard per reader: 2 shards < world size 2 x "
+                                         r"data.workers 2; write more shards, lower data.workers, or set data.resampl"):
+        StreamLoader(urls, SingleView(8), 2, world_size=2, resampled=False, workers=2)
+    caplog.set_level("WARNING")
+    StreamLoader(urls, SingleView(8), 2, world_size=2, resampled=True, workers=2)
+    assert "2 shards for 4 readers (world size 2 x data.workers 2): readers often read the same shard" in caplog.text
+
+
 @pytest.mark.parametrize("shards, world_size, workers", [(8, 2, 2), (3, 2, 2), (2, 3, 0), (5, 3, 0)])
 def test_eval_stream_reads_every_sample_exactly_once_across_ranks(tmp_path, shards, world_size, workers):
     urls = numbered_shards(tmp_path, 5 * shards, 5)
