@@ -227,18 +227,22 @@ class StreamLoader:
                 "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
                 "device_skipped": self.device_skipped}
 
-    def _to_device(self, batch: dict, side_stream) -> dict:
+    def _to_device(self, batch: dict, side_stream) -> tuple[dict, object]:
+        """(the batch on the device, a CUDA event marking the end of its preparation or None)."""
         if self.device is None:
-            return batch
+            return batch, None
         if side_stream is None:
-            return self.prepare(batch, self.device, self.mean, self.std)
+            return self.prepare(batch, self.device, self.mean, self.std), None
         with torch.cuda.stream(side_stream):
-            return self.prepare(batch, self.device, self.mean, self.std)
+            batch = self.prepare(batch, self.device, self.mean, self.std)
+            ready = torch.cuda.Event()
+            ready.record(side_stream)
+        return batch, ready
 
-    def _commit(self, batch: dict, position: list[int], side_stream) -> dict:
-        if side_stream is not None:  # the step's stream waits for the copy/decode; the tensors are used there
+    def _commit(self, batch: dict, ready, position: list[int]) -> dict:
+        if ready is not None:  # the step's stream waits for this batch only, not for the next one behind it
             current = torch.cuda.current_stream(self.device)
-            current.wait_stream(side_stream)
+            current.wait_event(ready)
             for value in batch.values():
                 if isinstance(value, torch.Tensor) and value.is_cuda:
                     value.record_stream(current)
@@ -255,12 +259,12 @@ class StreamLoader:
         pending = None
         for host_batch in self.loader:
             position = host_batch.pop("_position").tolist()
-            batch = self._to_device(host_batch, side_stream)
+            batch, ready = self._to_device(host_batch, side_stream)
             if pending is not None:
-                yield self._commit(*pending, side_stream)
-            pending = (batch, position)
+                yield self._commit(*pending)
+            pending = (batch, ready, position)
         if pending is not None:
-            yield self._commit(*pending, side_stream)
+            yield self._commit(*pending)
 
 
 class EvalStream(IterableDataset):
