@@ -140,3 +140,32 @@ def test_align_to_grid_resamples_at_patch_centres():
     assert torch.allclose(student[..., 0], centres[:, None].expand(14, 14), atol=1e-5)
     assert torch.allclose(student[..., 1], centres[None, :].expand(14, 14), atol=1e-5)
     assert align_to_grid(teacher, (16, 16), (16, 16)) is teacher
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_pretrained_encoder_exported_as_a_teacher(make_cfg, tmp_path, stage):
+    from test_engine import fully_partitioned_zero3
+
+    from train.engine import train
+    from train.models.ema import gathered
+    from train.teachers.export import export_encoder
+
+    ds = fully_partitioned_zero3(tmp_path) if stage == 3 else "ds_configs/zero1.json"
+    cfg = make_cfg("train.steps=2", f"train.deepspeed={ds}", name=f"mae_z{stage}")
+    encoder = train(cfg).engine.module.encoder
+    meta = export_encoder(cfg.output_dir, tmp_path / "teacher.pth")
+    assert meta["model"]["num_heads"] == 2
+    teacher = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224",
+                                       num_heads=2))
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), gathered(list(encoder.parameters())):
+        assert torch.allclose(teacher.forward_features(images), encoder.eval()(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["mapet_demo", "mapet_vit_b", "mapet_vit_l", "digpt_demo", "digpt_vit_b",
+                                    "digpt_vit_l"])
+def test_shipped_configs_are_valid(config, clip_teacher):
+    from conftest import REPO
+
+    cfg = load_config(REPO / "train" / "configs" / f"{config}.yaml", [f"method.teacher.path={clip_teacher}"])
+    assert cfg.method.name == config.split("_")[0] and cfg.run.name == config

@@ -25,7 +25,11 @@ def export_encoder(run_dir: str | Path, out: str | Path, tag: str | None = None)
     if tag is None:
         raise FileNotFoundError(f"no complete checkpoint under {ckpt_dir}")
     meta = checkpoint.read_meta(ckpt_dir, tag)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
+    # zero_to_fp32 gives the fp32 master weights, and the frozen ones (sin-cos positions) only for stages >= 2;
+    # below ZeRO-3 the saved module state holds every weight in full
+    module_file = ckpt_dir / tag / "mp_rank_00_model_states.pt"
+    state = torch.load(module_file, map_location="cpu", weights_only=False)["module"] if module_file.is_file() else {}
+    state.update(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag))
     encoder = {k.removeprefix("encoder.vit."): v.float() for k, v in state.items() if k.startswith("encoder.vit.")}
     if not encoder:
         raise ValueError(f"{ckpt_dir / tag} has no encoder.vit.* weights (method {meta.get('method')})")
