@@ -124,3 +124,11 @@ def test_digpt_trains_the_same_under_zero1_and_partitioned_zero3(digpt_cfg, tmp_
     last = runs[1][10]
     assert last["train/loss"] == pytest.approx(last["train/loss_next"] + last["train/loss_visible"], rel=1e-5)
     assert last["train/loss_next"] == pytest.approx(2 - 2 * last["train/cos_next"], rel=1e-4)
+
+
+def test_bf16_student_with_an_fp32_teacher(digpt_cfg):
+    result = train(digpt_cfg("train.steps=2", "train.precision=bf16", name="digpt_bf16"))
+    method = result.engine.module
+    assert method.next_decoder.pred.weight.dtype == torch.bfloat16  # DeepSpeed cast the student ...
+    assert all(p.dtype == torch.float32 for p in method.teacher.model.parameters())  # ... not the teacher
+    assert torch.isfinite(torch.tensor(read_metrics(result.output_dir)[2]["train/loss"]))

@@ -177,6 +177,8 @@ def test_missing_or_mismatched_codebook_is_a_clear_error(mapet_cfg, tmp_path):
         build_method(mapet_cfg(f"method.codebook={tmp_path / 'nope.pt'}"))
     with pytest.raises(ConfigError, match=r"has 16 codes, method.num_codes is 32"):
         build_method(mapet_cfg("method.num_codes=32"))
+    with pytest.raises(ConfigError, match=r"was fit on the features of teacher .*'project': True.*'project': False"):
+        build_method(mapet_cfg("method.teacher.project=false"))
     with pytest.raises(ConfigError, match=r"method.num_visible=16 must be in \[1, 16\)"):
         mapet_cfg("method.num_visible=16")
 
@@ -198,3 +200,11 @@ def test_mapet_trains_the_same_under_zero1_and_partitioned_zero3(mapet_cfg, tmp_
     assert losses[3] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
     assert sum(losses[1][-3:]) < sum(losses[1][:3]) * 0.9  # it learns
     assert all(0.0 <= runs[1][s]["train/token_acc"] <= 1.0 for s in runs[1])
+
+
+def test_bf16_student_with_an_fp32_teacher(mapet_cfg):
+    result = train(mapet_cfg("train.steps=2", "train.precision=bf16", name="mapet_bf16"))
+    method = result.engine.module
+    assert method.encoder.vit.pos_embed.dtype == torch.bfloat16  # DeepSpeed cast the student ...
+    assert all(p.dtype == torch.float32 for p in method.tokenizer.teacher.model.parameters())  # ... not the teacher
+    assert torch.isfinite(torch.tensor(read_metrics(result.output_dir)[2]["train/loss"]))

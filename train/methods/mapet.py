@@ -95,7 +95,7 @@ class MaPeT(nn.Module):
         self.register_buffer("attn_mask", two_stream_mask(self.encoder.num_patches, m.num_visible), persistent=False)
         # frozen teacher + codebook: plain attributes, so DeepSpeed never casts, partitions, optimizes or saves them
         teacher = FrozenTeacher(m.teacher, self.encoder.grid_size, cfg.data.mean, cfg.data.std)
-        self.tokenizer = KCLIPTokenizer(teacher, load_codebook(m.codebook, m.num_codes, teacher.out_dim))
+        self.tokenizer = KCLIPTokenizer(teacher, load_codebook(m.codebook, m.num_codes, m.teacher, teacher.out_dim))
 
     def predict(self, images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """Code logits (B, P, K) of the patches `order[:, num_visible:]`, in that order."""

@@ -24,18 +24,25 @@ from torch.utils.data import DataLoader
 from data_pipeline.augment import EvalView
 from data_pipeline.stream import EvalStream, resolve_shards, to_device
 from train.config import Config, ConfigError, load_config
-from train.teachers.clip import FrozenTeacher
+from train.teachers.clip import FrozenTeacher, TeacherConfig
 from train.teachers.kmeans import assign, kmeans
 
 log = logging.getLogger("train")
+FEATURE_SPACE = ("model", "img_size", "project")  # teacher settings that change what a code means
 
 
-def load_codebook(path: str, num_codes: int, feature_dim: int, key: str = "method.codebook") -> torch.Tensor:
-    """The (num_codes, C) centroids saved at `path`, checked against the run's code count and teacher width."""
+def load_codebook(path: str, num_codes: int, teacher: TeacherConfig, feature_dim: int,
+                  key: str = "method.codebook") -> torch.Tensor:
+    """The (num_codes, C) centroids saved at `path`, checked against the run's code count and teacher."""
     if not path or not Path(path).is_file():
         raise ConfigError(f"{key}: k-CLIP codebook not found: {path or '(empty)'}; fit it with "
                           "`python -m train.teachers.codebook --config <this run's config>`")
-    centroids = torch.load(path, map_location="cpu", weights_only=True)["centroids"]
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    centroids = saved["centroids"]
+    fit_on = {k: saved["teacher"][k] for k in FEATURE_SPACE}
+    ours = {k: getattr(teacher, k) for k in FEATURE_SPACE}
+    if fit_on != ours:
+        raise ConfigError(f"{key}: {path} was fit on the features of teacher {fit_on}, this run's is {ours}")
     if centroids.shape[0] != num_codes:
         raise ConfigError(f"{key}: {path} has {centroids.shape[0]} codes, method.num_codes is {num_codes}")
     if centroids.shape[1] != feature_dim:
