@@ -169,3 +169,13 @@ def test_shipped_configs_are_valid(config, clip_teacher):
 
     cfg = load_config(REPO / "train" / "configs" / f"{config}.yaml", [f"method.teacher.path={clip_teacher}"])
     assert cfg.method.name == config.split("_")[0] and cfg.run.name == config
+
+
+def test_supervised_demo_teacher_learns_and_loads(make_cfg, tmp_path):
+    from train.teachers.supervised import train_teacher
+
+    cfg = make_cfg("train.steps=1", "data.batch_size=32", "run.log_every=100")
+    accuracy = train_teacher(cfg, str(tmp_path / "teacher.pth"), steps=80, lr=3e-3)
+    assert accuracy > 30.0  # ten digit classes: chance is 10%
+    tower = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224", num_heads=2))
+    assert tower.embed_dim == 32 and len(tower.blocks) == 2
