@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
-from data_pipeline.stream import StreamLoader, resolve_shards, to_device
+from data_pipeline.stream import StreamLoader, resolve_shards
 from train import checkpoint
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
@@ -188,10 +188,10 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
 
     loader = StreamLoader(
-        shards.urls, build_views(cfg.data, cfg.model.img_size), cfg.data.batch_size,
+        shards.urls, build_views(cfg.data, cfg.model.img_size, device), cfg.data.batch_size,
         rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
-        state=data_state)
+        state=data_state, device=device, mean=cfg.data.mean, std=cfg.data.std)
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
@@ -218,7 +218,7 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
             set_lr(optimizer, lr)
             for _ in range(accum):
                 t0 = time.perf_counter()
-                batch = to_device(next(data), device, cfg.data.mean, cfg.data.std)
+                batch = next(data)  # on the device, normalised
                 wait += time.perf_counter() - t0
                 loss, report = engine(batch, step)
                 engine.backward(loss)

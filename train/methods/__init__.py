@@ -8,10 +8,14 @@ attribute (a `train.models.vit.ViTEncoder`) that evaluation and export use.
 """
 
 from train.methods.classify import Finetune, LinearProbe
+from train.methods.digpt import DiGPT
 from train.methods.mae import MAE
+from train.methods.mapet import MaPeT
 
 METHODS = {
     "mae": MAE,
+    "mapet": MaPeT,
+    "digpt": DiGPT,
     "finetune": Finetune,  # supervised, on a pretrained encoder (train.eval.finetune)
     "linear_probe": LinearProbe,  # frozen encoder (train.eval.linear_probe)
 }
