@@ -136,6 +136,7 @@ def main(argv=None) -> int:
 
 
 def run_knn(args) -> None:
+    from data_pipeline.stream import resolve_shards
     from train.distributed import device_for, init_distributed
     from train.eval.commands import num_classes_of, write_results
     from train.eval.load import load_encoder, resolve_source
@@ -145,6 +146,7 @@ def run_knn(args) -> None:
     train, val = args.train or source.data_value("train"), args.val or source.data_value("val")
     if not train or not val:
         raise ValueError(f"--train/--val: give labelled shards; {source.path} records no data.train/data.val")
+    resolve_shards(train, "--train"), resolve_shards(val, "--val")  # a missing shard fails before the model loads
     device = device_for(info)
     encoder = load_encoder(source).to(device)
     mean, std = source.data_value("mean", (0.485, 0.456, 0.406)), source.data_value("std", (0.229, 0.224, 0.225))

@@ -171,9 +171,10 @@ class Finetune(nn.Module):
         return loss, {"loss": loss.detach()}
 
     def group_matcher(self, coarse: bool = False) -> dict:
-        """Layer groups for layer-wise lr decay (timm's ViT grouping under `encoder.vit.`); the head is last."""
+        """Layer groups for layer-wise lr decay: stem, then one per block; the rest (final norm, fc_norm, head)
+        is left unmatched, so it falls in the last layer with scale 1, as MAE's `get_layer_id_for_vit`."""
         return {"stem": r"^encoder\.vit\.(?:cls_token|pos_embed|patch_embed)",
-                "blocks": [(r"^encoder\.vit\.blocks\.(\d+)", None), (r"^encoder\.vit\.norm", (99999,))]}
+                "blocks": [(r"^encoder\.vit\.blocks\.(\d+)", None)]}
 
     def flops_per_image(self) -> float:
         return 3 * self.encoder.forward_flops(self.encoder.num_patches)
