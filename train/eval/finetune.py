@@ -91,7 +91,7 @@ def run_classification(args, method: str) -> None:
     cfg = load_config(args.config, overrides, world_info_from_env().world_size)
     if cfg.method.name != method:
         raise ConfigError(f"method.name={cfg.method.name}: train.eval.{method} runs method.name={method}")
-    if not cfg.data.val:
+    if cfg.data.train and not cfg.data.val:  # (no data.train: the engine writes the digits, train and val)
         raise ConfigError("data.val: give labelled validation shards to evaluate on")
     last = {}
 
