@@ -3,14 +3,18 @@
     forward(batch, step) -> (loss, report)   # report: detached scalar tensors to log
 
 plus, where the method has them: `visualize(batch)` (image panels), `on_step_end(step)` (EMA
-teachers), `flops_per_image()` and `tokens_per_image()` (throughput logging), and an `encoder`
-attribute (a `train.models.vit.ViTEncoder`) that evaluation and export use.
+teachers), `flops_per_image()` and `tokens_per_image()` (throughput logging), `aux_streams()` +
+`aux_step(batches, step, lr_scale)` (+ `aux_every`) for state stepped outside DeepSpeed on data of its
+own (see DESIGN.md), and an `encoder` attribute (a `train.models.vit.ViTEncoder`) that evaluation and
+export use.
 """
 
 from train.methods.mae import MAE
+from train.methods.mlo_mae import MLOMAE
 
 METHODS = {
     "mae": MAE,
+    "mlo_mae": MLOMAE,
 }
 
 
