@@ -19,7 +19,7 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
-from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards, to_device
+from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
@@ -37,6 +37,14 @@ class RunResult:
     output_dir: Path
     last_checkpoint: str | None
     engine: object  # the DeepSpeed engine (its .module is the method)
+
+
+ARCHITECTURE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pos_embed")
+
+
+def architecture(cfg: Config) -> dict:
+    """The model settings a checkpoint's weights depend on (drop path or checkpointing may change on resume)."""
+    return {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -161,7 +169,7 @@ def train(cfg: Config) -> RunResult:
     if resume:
         resume_dir, tag = resume
         meta = checkpoint.read_meta(resume_dir, tag)
-        ours = {"model": to_dict(cfg.model), "method": cfg.method.name}
+        ours = {"model": architecture(cfg), "method": cfg.method.name}
         if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
             raise ConfigError(f"run.resume: {resume_dir / tag} was written by method {meta.get('method')} with "
                               f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
@@ -176,18 +184,18 @@ def train(cfg: Config) -> RunResult:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
 
     loader = StreamLoader(
-        shards.urls, build_views(cfg.data, cfg.model.img_size), cfg.data.batch_size,
+        shards.urls, build_views(cfg.data, cfg.model.img_size, device), cfg.data.batch_size,
         rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
-        state=data_state)
+        state=data_state, device=device, mean=cfg.data.mean, std=cfg.data.std)
     module = engine.module
     # streams a method reads besides the training batches (e.g. labelled splits for its aux_step)
     aux_loaders = {
         name: StreamLoader(
-            urls, build_views(cfg.data, cfg.model.img_size), batch_size, rank=world.rank,
+            urls, build_views(cfg.data, cfg.model.img_size, device), batch_size, rank=world.rank,
             world_size=world.world_size, seed=mix_seed(cfg.run.seed, zlib.crc32(name.encode())), resampled=True,
             shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
-            state=aux_state.get(name))
+            state=aux_state.get(name), device=device, mean=cfg.data.mean, std=cfg.data.std)
         for name, (urls, batch_size) in getattr(module, "aux_streams", dict)().items()}
     aux_every = getattr(module, "aux_every", 1)
 
@@ -217,7 +225,7 @@ def train(cfg: Config) -> RunResult:
             set_lr(optimizer, lr)
             for _ in range(accum):
                 t0 = time.perf_counter()
-                batch = to_device(next(data), device, cfg.data.mean, cfg.data.std)
+                batch = next(data)  # on the device, normalised
                 wait += time.perf_counter() - t0
                 loss, report = engine(batch, step)
                 engine.backward(loss)
@@ -229,8 +237,7 @@ def train(cfg: Config) -> RunResult:
                 module.on_step_end(step)
             if aux_data and step % aux_every == 0:
                 t0 = time.perf_counter()
-                aux_batches = {name: to_device(next(it), device, cfg.data.mean, cfg.data.std)
-                               for name, it in aux_data.items()}
+                aux_batches = {name: next(it) for name, it in aux_data.items()}  # on the device, normalised
                 wait += time.perf_counter() - t0
                 synchronize(device)  # time the aux step alone (a negligible stall once per step)
                 t0 = time.perf_counter()
@@ -268,7 +275,7 @@ def train(cfg: Config) -> RunResult:
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
-                meta = {"model": to_dict(cfg.model), "method": cfg.method.name, "config": to_dict(cfg)}
+                meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
                 rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(),
                               "aux_data": {name: aux.state_dict() for name, aux in aux_loaders.items()}}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)

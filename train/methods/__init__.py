@@ -9,11 +9,15 @@ own (see DESIGN.md), and an `encoder` attribute (a `train.models.vit.ViTEncoder`
 export use.
 """
 
+from train.methods.digpt import DiGPT
 from train.methods.mae import MAE
+from train.methods.mapet import MaPeT
 from train.methods.mlo_mae import MLOMAE
 
 METHODS = {
     "mae": MAE,
+    "mapet": MaPeT,
+    "digpt": DiGPT,
     "mlo_mae": MLOMAE,
 }
 

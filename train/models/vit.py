@@ -7,7 +7,7 @@ state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads.
 import timm
 import torch
 from timm.layers import build_sincos2d_pos_embed
-from timm.models import checkpoint_seq
+from timm.models import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -95,22 +95,33 @@ class ViTEncoder(nn.Module):
         return x + self.vit.pos_embed[:, 1:]
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
+                extra_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Encode the kept patch tokens (all N when `ids_keep` is None).
 
         Returns (B, 1 + K, D) tokens (class token first) after the final norm, or with `pool`
         ("token": the class token, "avg": mean of the patch tokens) (B, D) features. `attn_mask`
-        is passed to every block (timm semantics). Call the module, not a helper method: ZeRO-3
-        gathers the class token and position embeddings in this module's forward hook.
+        is passed to every block (timm semantics). `extra_tokens` (1 or B, M, D), e.g. mask or
+        query tokens, are appended after the patch tokens, each given the position embedding of
+        patch `extra_ids` (B, M); the output then has 1 + K + M tokens. Call the module, not a
+        helper method: ZeRO-3 gathers the class token and position embeddings in this module's
+        forward hook.
         """
         tokens = self.embed(images)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+        parts = [cls, tokens]
+        if extra_tokens is not None:
+            positions = gather_tokens(self.vit.pos_embed[:, 1:].expand(tokens.shape[0], -1, -1), extra_ids)
+            parts.append(extra_tokens.to(tokens.dtype) + positions)
+        x = torch.cat(parts, dim=1)
         if attn_mask is not None:
             for block in self.vit.blocks:
-                x = block(x, attn_mask=attn_mask)
+                if self.vit.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, attn_mask=attn_mask)
+                else:
+                    x = block(x, attn_mask=attn_mask)
         elif self.vit.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)
         else:
