@@ -3,10 +3,14 @@ diagnostic, the engine hook (ZeRO-3 partitioned) and the sweep command."""
 
 import json
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_engine import fully_partitioned_zero3
+from test_launch import command, run_env
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from conftest import REPO
@@ -25,6 +29,7 @@ from train.compression import (
     step_seed,
 )
 from train.config import CompressionConfig, ConfigError, ModelConfig, ScheduleConfig, load_config
+from train.distributed import free_port
 from train.engine import train
 from train.methods import build_method
 from train.methods.mae import mae_loss, patchify
@@ -299,8 +304,6 @@ def jsonl(out_dir) -> dict[int, dict]:
 
 
 def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(make_cfg, tmp_path):
-    from test_engine import fully_partitioned_zero3
-
     steps = 4
     common = [*SCHEDULED, f"train.steps={steps}", "compression.diagnose_every=2"]
     zero3 = make_cfg(*common, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="z3")
@@ -350,3 +353,57 @@ def test_sweep_command_prints_the_table_for_a_checkpoint(make_cfg, capsys):
         assert float(table[key][3]) < 1.0 and float(table[key][4]) < 1.0 and float(table[key][5]) > 0.0
     assert sum(r[-1] == "*" for r in table.values()) == 1  # the lowest cost-adjusted error is marked
     assert main([*args, "--keep-ratios", "1,0"]) == 2  # a bad grid is a one-line error
+
+
+# --------------------------------------------------------------------------------------------------- benchmarks
+
+def test_expected_wall_clock_of_a_schedule():
+    from benchmarks.compression import expected_time, flops_speedup, stage_settings
+
+    cfg = CompressionConfig(patch_scale=ScheduleConfig("step", 2.0, 1.0, until=0.5))
+    schedule = CompressionSchedule(cfg, base_patch_size=4, total_steps=100)
+    stages = stage_settings(schedule, 4)
+    assert [s.patch_size for s in stages] == [8, 8, None, None]
+    # half the run at 1 s/step, half at 3 s/step
+    assert expected_time([1.0, 1.0, 3.0, 3.0], 100) == pytest.approx(200.0)
+    torch.manual_seed(0)
+    mae = build_method(tiny_mae())
+    expected = 2 * mae.flops_per_image() / (mae.flops_per_image() + mae.flops_per_image(Setting(patch_size=8)))
+    assert flops_speedup(mae, schedule, 100) == pytest.approx(expected)
+
+
+def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
+    from benchmarks.compression import main as bench
+
+    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the two short runs cheap
+    scores = iter([{"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 58.5, "linear_top1": 51.0}])
+    monkeypatch.setattr("train.eval.quick.evaluate_encoder", lambda *args, **kwargs: next(scores))
+
+    cfg = make_cfg(*SCHEDULED, "train.steps=4", name="bench")
+    overrides = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
+                 "model.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
+                 "data.batch_size=8", "data.workers=0", "data.shuffle_buffer=64", "train.steps=4",
+                 "run.log_every=1", "eval.probe_epochs=2", f"data.train={cfg.data.train}",
+                 f"data.val={cfg.data.val}", f"run.output_dir={cfg.output_dir}", *SCHEDULED]
+    assert bench(["speed", "--steps", "1", "--warmup", "0", "--points", "2", *overrides]) == 0
+    speed = json.loads((cfg.output_dir / "compression_speed.json").read_text())
+    assert [s["patch_size"] for s in speed["stages"]] == [4, 8, 4] and speed["speedup"] > 0
+    assert bench(["learn", *overrides]) == 0
+    check = json.loads((cfg.output_dir / "learning_check.json").read_text())
+    assert check["full"]["steps"] == check["compressed"]["steps"] == 4 and check["flops_speedup"] > 1
+    assert not any("compression/keep_ratio" in r for r in jsonl(cfg.output_dir / "full").values())
+    assert jsonl(cfg.output_dir / "compressed")[1]["compression/keep_ratio"] == 0.5
+    assert "k-NN -1.5 points, linear +1.0 points" in capsys.readouterr().out
+
+
+def test_two_ranks_zero3_compressed_with_diagnostic(tmp_path, digits_dir):
+    """Both ranks take part in the diagnostic (parameters gathered from two partitions, gradients averaged)."""
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port())]
+    proc = subprocess.run(command(tmp_path, digits_dir, *SCHEDULED, "train.steps=2", "compression.diagnose_every=1",
+                                  f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", launcher=launcher),
+                          cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = jsonl(tmp_path / "run")
+    assert sorted(rows) == [1, 2] and [rows[s]["compression/patch_size"] for s in (1, 2)] == [8, 4]
+    assert all(-1 < rows[s]["compression/grad_cosine"] < 1 for s in (1, 2))
