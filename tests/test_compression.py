@@ -95,13 +95,19 @@ def test_method_without_compression_support_is_rejected(monkeypatch):
     from train.methods import METHODS
     from train.methods.mae import MAE
 
-    class Plain(MAE):
+    class DropoutOnly(MAE):
         supported_compression = ("token_dropout",)
 
-    monkeypatch.setitem(METHODS, "mae", Plain)
+    class Inherits(MAE):  # a subclass with its own forward does not inherit MAE's declaration
+        pass
+
+    monkeypatch.setitem(METHODS, "mae", DropoutOnly)
     tiny_mae("compression.keep_ratio.start=0.5")  # token dropout: supported
     with pytest.raises(ConfigError, match=r"compression.patch_scale: method 'mae' does not support patch_scaling"):
         tiny_mae("compression.patch_scale.start=2")
+    monkeypatch.setitem(METHODS, "mae", Inherits)
+    with pytest.raises(ConfigError, match=r"does not support token_dropout \(it supports: no compression\)"):
+        tiny_mae("compression.keep_ratio.start=0.5")
 
 
 def test_config_files_stack_in_order(tmp_path):
@@ -330,6 +336,22 @@ def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(mak
     assert load_weights(plain, zero3.output_dir / "checkpoints") == steps
     for name, value in plain.state_dict().items():
         assert torch.allclose(value, zero1_weights[name], atol=1e-5), name
+
+
+def test_compressed_resume_retraces_the_uninterrupted_run(make_cfg):
+    common = [*SCHEDULED, "train.steps=6", "run.ckpt_every=3"]
+    straight = make_cfg(*common, "run.keep_last=3", name="straight")
+    train(straight)
+    resumed = make_cfg(*common, name="resumed")
+    ckpts = resumed.output_dir / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "step_00000003").symlink_to(straight.output_dir / "checkpoints" / "step_00000003")
+    (ckpts / "latest").write_text("step_00000003")
+    train(resumed)
+    full, rest = jsonl(straight.output_dir), jsonl(resumed.output_dir)
+    assert sorted(rest) == [4, 5, 6]
+    for key in ("train/loss", "compression/patch_size", "compression/keep_ratio"):
+        assert [rest[s][key] for s in rest] == pytest.approx([full[s][key] for s in rest], rel=1e-6), key
 
 
 # -------------------------------------------------------------------------------------------------------- sweep

@@ -151,9 +151,9 @@ def validate_compression(cfg: Config) -> None:
     from train.methods import METHODS
 
     c = cfg.compression
-    for knob, low, high in (("keep_ratio", 0.0, 1.0), ("patch_scale", 1.0, cfg.model.img_size / cfg.model.patch_size)):
-        s = getattr(c, knob)
-        key = f"compression.{knob}"
+    max_scale = cfg.model.img_size / cfg.model.patch_size
+    for knob in KNOBS:
+        s, key = getattr(c, knob), f"compression.{knob}"
         if s.kind not in KINDS:
             raise ConfigError(f"{key}.kind={s.kind!r}: choose one of {KINDS}")
         if not 0.0 < s.until <= 1.0:
@@ -162,11 +162,11 @@ def validate_compression(cfg: Config) -> None:
             raise ConfigError(f"{key}.stages={s.stages} must be >= 1")
         for end in ("start", "end"):
             value = getattr(s, end)
-            if knob == "keep_ratio" and not low < value <= high:
+            if knob == "keep_ratio" and not 0.0 < value <= 1.0:
                 raise ConfigError(f"{key}.{end}={value} must be in (0, 1] (the share of patch tokens kept)")
-            if knob == "patch_scale" and not low <= value <= high:
-                raise ConfigError(f"{key}.{end}={value} must be in [1, {high:g}] (patch size / model.patch_size, "
-                                  f"at most the whole image)")
+            if knob == "patch_scale" and not 1.0 <= value <= max_scale:
+                raise ConfigError(f"{key}.{end}={value} must be in [1, {max_scale:g}] (patch size / "
+                                  f"model.patch_size, at most the whole image)")
     if c.diagnose_every < 0:
         raise ConfigError(f"compression.diagnose_every={c.diagnose_every} must be >= 0")
     active = [knob for knob in KNOBS if schedule_active(getattr(c, knob))]
@@ -174,7 +174,8 @@ def validate_compression(cfg: Config) -> None:
         raise ConfigError("compression.diagnose_every is set but no compression is scheduled; set "
                           "compression.keep_ratio / compression.patch_scale, or sweep settings with "
                           "`python -m train.compression`")
-    supported = getattr(METHODS[cfg.method.name], "supported_compression", ())
+    # declared by the method class itself: a subclass that changes forward() must opt in again
+    supported = vars(METHODS[cfg.method.name]).get("supported_compression", ())
     for knob in active:
         if KNOBS[knob] not in supported:
             raise ConfigError(f"compression.{knob}: method {cfg.method.name!r} does not support {KNOBS[knob]} "
