@@ -20,6 +20,7 @@ import yaml
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("auto", "bf16", "fp32")
 VIEWS = ("single", "moco_v3", "simclr", "dino")
+DECODE = ("auto", "cpu", "gpu")
 
 
 class ConfigError(ValueError):
@@ -48,8 +49,10 @@ class DataConfig:
     resampled: bool = True  # draw shards with replacement (True) or disjoint per-epoch splits (False)
     shuffle_buffer: int = 2000
     views: str = "single"  # single (MAE family) | moco_v3 | simclr (two views) | dino (2 global + local crops)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # of the (global) crops
+    crop_scale: tuple[float, float] | None = None  # of the (global) crops; unset: the recipe's (0.2 / 0.08 / 0.4)
     hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
+    jitter_strength: float = 1.0  # scales the recipe's colour jitter (SimCLR's color_jitter_strength)
+    decode: str = "auto"  # auto (on the GPU for "single" views when CUDA is there) | cpu | gpu
     local_crops: int = 8  # dino
     local_size: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
@@ -146,7 +149,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where it is lossless."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # `X | None`: report X's own error
+            return _coerce(value, options[0], key)
+        for option in options:
             try:
                 return _coerce(value, option, key)
             except ConfigError:
@@ -298,9 +306,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if d.views not in VIEWS:
         raise ConfigError(f"data.views={d.views!r}: choose one of {VIEWS}")
     for key in ("crop_scale", "local_crop_scale"):
-        low, high = getattr(d, key)
+        low, high = getattr(d, key) or (1, 1)
         if not 0 < low <= high <= 1:
             raise ConfigError(f"data.{key}={getattr(d, key)} must satisfy 0 < min <= max <= 1")
+    if d.decode not in DECODE:
+        raise ConfigError(f"data.decode={d.decode!r}: choose one of {DECODE}")
+    if d.decode == "gpu" and d.views != "single":
+        raise ConfigError(f"data.decode=gpu decodes single views only, not data.views={d.views!r}; use auto or cpu")
+    if d.jitter_strength < 0:
+        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be >= 0")
     if (t.epochs > 0) == (t.steps > 0):
         raise ConfigError(f"set exactly one of train.epochs ({t.epochs}) and train.steps ({t.steps})")
     if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:

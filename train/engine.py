@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
-from data_pipeline.stream import StreamLoader, resolve_shards, to_device
+from data_pipeline.stream import StreamLoader, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule, GradientDiagnostic, step_seed
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
@@ -37,6 +37,14 @@ class RunResult:
     output_dir: Path
     last_checkpoint: str | None
     engine: object  # the DeepSpeed engine (its .module is the method)
+
+
+ARCHITECTURE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads", "mlp_ratio", "pos_embed")
+
+
+def architecture(cfg: Config) -> dict:
+    """The model settings a checkpoint's weights depend on (drop path or checkpointing may change on resume)."""
+    return {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
 
 
 def use_bf16(cfg: Config) -> bool:
@@ -161,7 +169,7 @@ def train(cfg: Config) -> RunResult:
     if resume:
         resume_dir, tag = resume
         meta = checkpoint.read_meta(resume_dir, tag)
-        ours = {"model": to_dict(cfg.model), "method": cfg.method.name}
+        ours = {"model": architecture(cfg), "method": cfg.method.name}
         if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
             raise ConfigError(f"run.resume: {resume_dir / tag} was written by method {meta.get('method')} with "
                               f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
@@ -175,10 +183,10 @@ def train(cfg: Config) -> RunResult:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
 
     loader = StreamLoader(
-        shards.urls, build_views(cfg.data, cfg.model.img_size), cfg.data.batch_size,
+        shards.urls, build_views(cfg.data, cfg.model.img_size, device), cfg.data.batch_size,
         rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
-        state=data_state)
+        state=data_state, device=device, mean=cfg.data.mean, std=cfg.data.std)
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
@@ -208,7 +216,7 @@ def train(cfg: Config) -> RunResult:
             set_lr(optimizer, lr)
             for micro in range(accum):
                 t0 = time.perf_counter()
-                batch = to_device(next(data), device, cfg.data.mean, cfg.data.std)
+                batch = next(data)  # on the device, normalised
                 wait += time.perf_counter() - t0
                 if compression.active:
                     batch["compression"] = compression.at(step, step_seed(cfg.run.seed, world.rank, step, micro))
@@ -263,7 +271,7 @@ def train(cfg: Config) -> RunResult:
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
-                meta = {"model": to_dict(cfg.model), "method": cfg.method.name, "config": to_dict(cfg)}
+                meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
                 rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
             if stopped:

@@ -9,7 +9,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from timm.layers import PatchEmbedInterpolator, build_sincos2d_pos_embed, resample_abs_pos_embed
-from timm.models import checkpoint_seq
+from timm.models import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -114,28 +114,45 @@ class ViTEncoder(nn.Module):
         proj = self.vit.patch_embed.proj
         x = self.patch_interpolator(images.to(proj.weight.dtype), proj.weight, proj.bias, (p, p), is_linear=False)
         x = self.vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        return x + self.patch_positions(grid)
+
+    def patch_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings of the patch tokens on a `grid` (1, N, D): the stored ones resampled."""
+        if tuple(grid) == self.grid_size:
+            return self.vit.pos_embed[:, 1:]
         pos = resample_abs_pos_embed(self.vit.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1)
-        return x + pos[:, 1:]
+        return pos[:, 1:]
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
-                attn_mask: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
+                extra_ids: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
         """Encode the kept patch tokens (all N when `ids_keep` is None).
 
         Returns (B, 1 + K, D) tokens (class token first) after the final norm, or with `pool`
         ("token": the class token, "avg": mean of the patch tokens) (B, D) features. `attn_mask`
-        is passed to every block (timm semantics). `patch_size` (default: the model's) cuts the
-        image into that many pixels per patch (see `embed`); `ids_keep` indexes that grid. Call the
-        module, not a helper method: ZeRO-3 gathers the class token, position embeddings and patch
-        projection in this module's forward hook.
+        is passed to every block (timm semantics). `extra_tokens` (1 or B, M, D), e.g. mask or
+        query tokens, are appended after the patch tokens, each given the position embedding of
+        patch `extra_ids` (B, M); the output then has 1 + K + M tokens. `patch_size` (default: the
+        model's) cuts the image into that many pixels per patch (see `embed`); `ids_keep` and
+        `extra_ids` index that grid. Call the module, not a helper method: ZeRO-3 gathers the class
+        token, position embeddings and patch projection in this module's forward hook.
         """
         tokens = self.embed(images, patch_size)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+        parts = [cls, tokens]
+        if extra_tokens is not None:
+            grid = patch_grid(images.shape[-2:], patch_size or self.patch_size)
+            positions = gather_tokens(self.patch_positions(grid).expand(tokens.shape[0], -1, -1), extra_ids)
+            parts.append(extra_tokens.to(tokens.dtype) + positions)
+        x = torch.cat(parts, dim=1)
         if attn_mask is not None:
             for block in self.vit.blocks:
-                x = block(x, attn_mask=attn_mask)
+                if self.vit.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, attn_mask=attn_mask)
+                else:
+                    x = block(x, attn_mask=attn_mask)
         elif self.vit.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)
         else:
