@@ -21,6 +21,7 @@ from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
 from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
+from train.compression import CompressionSchedule, GradientDiagnostic, step_seed
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
@@ -208,6 +209,9 @@ def train(cfg: Config) -> RunResult:
                  "bf16" if use_bf16(cfg) else "fp32", Path(cfg.train.deepspeed).name)
         log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, global_batch, peak_lr)
     monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
+    # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
+    compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
+    diagnostic = GradientDiagnostic(cfg, device, use_bf16(cfg)) if cfg.compression.diagnose_every else None
     stop = StopFlag()
     peak_flops = gpu_peak_flops()
     flops_per_image = getattr(module, "flops_per_image", lambda: None)()
@@ -223,10 +227,12 @@ def train(cfg: Config) -> RunResult:
         while step < total_steps:
             lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
             set_lr(optimizer, lr)
-            for _ in range(accum):
+            for micro in range(accum):
                 t0 = time.perf_counter()
                 batch = next(data)  # on the device, normalised
                 wait += time.perf_counter() - t0
+                if compression.active:
+                    batch["compression"] = compression.at(step, step_seed(cfg.run.seed, world.rank, step, micro))
                 loss, report = engine(batch, step)
                 engine.backward(loss)
                 engine.step()
@@ -244,6 +250,12 @@ def train(cfg: Config) -> RunResult:
                 add_report(sums, counts, module.aux_step(aux_batches, step, lr / peak_lr))
                 synchronize(device)
                 aux_time += time.perf_counter() - t0
+            diagnosed = {}
+            if diagnostic and step % cfg.compression.diagnose_every == 0 and not batch["compression"].is_full:
+                # every rank takes part (gradients are averaged over ranks); not counted in img/s
+                t0 = time.perf_counter()
+                diagnosed = diagnostic(module, batch, step - 1, batch["compression"])
+                t_log += time.perf_counter() - t0
             stopped = stop.agreed()
             save_now = stopped or step % cfg.run.ckpt_every == 0 or step == total_steps
             if save_now or step % cfg.run.log_every == 0:
@@ -254,6 +266,11 @@ def train(cfg: Config) -> RunResult:
                         f"{ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or check the data.")
                 elapsed = time.perf_counter() - t_log
                 values["train/lr"] = lr
+                if compression.active:  # throughput counts the tokens and FLOPs of this step's setting
+                    setting = batch["compression"]
+                    values.update(compression.describe(setting))
+                    flops_per_image = getattr(module, "flops_per_image", lambda **_: None)(compression=setting)
+                    tokens_per_image = getattr(module, "tokens_per_image", lambda **_: None)(compression=setting)
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     values["train/grad_norm"] = float(grad_norm)
@@ -270,8 +287,10 @@ def train(cfg: Config) -> RunResult:
                     values["perf/aux_fraction"] = aux_time / elapsed
                 values["data/skipped"] = float(loader.skipped)
                 values["data/samples_seen"] = float(loader.samples_seen)
-                monitor.scalars(step, values)
+                monitor.scalars(step, {**values, **diagnosed})
                 sums, counts, wait, aux_time, t_log, steps_since = {}, {}, 0.0, 0.0, time.perf_counter(), 0
+            elif diagnosed:
+                monitor.scalars(step, diagnosed, console=False)
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
