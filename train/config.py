@@ -3,6 +3,7 @@
 `load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
 validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
 `ConfigError` with one line naming the key, before any model or process group is built.
+A list of YAML files is merged in order (later files win).
 """
 
 import dataclasses
@@ -107,6 +108,26 @@ class EvalConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A value as a pure function of training progress p in [0, 1] (train/compression.py:schedule_value)."""
+
+    kind: str = "constant"  # constant (`start` throughout) | step | linear | cosine (start -> end by `until`)
+    start: float = 1.0  # value at the start of training
+    end: float = 1.0  # value from `until` on
+    until: float = 1.0  # fraction of training at which the value reaches `end`
+    stages: int = 1  # step: constant stages between start and end (values evenly spaced)
+
+
+@dataclass
+class CompressionConfig:
+    """Progressive sequence compression (train/compression.py); the defaults compress nothing."""
+
+    keep_ratio: ScheduleConfig = field(default_factory=ScheduleConfig)  # token dropout: fraction of patches kept
+    patch_scale: ScheduleConfig = field(default_factory=ScheduleConfig)  # patch size / model.patch_size (>= 1)
+    diagnose_every: int = 0  # steps between gradient-error diagnostics (0: off)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -115,6 +136,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     @property
     def output_dir(self) -> Path:
@@ -239,19 +261,30 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """Read a YAML delta over the defaults, apply `a.b=value` overrides, validate."""
+def _merge(tree: dict, delta: dict) -> dict:
+    """`delta` over `tree`: nested mappings merge key by key, anything else replaces."""
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+    return tree
+
+
+def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
     tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    for file in map(Path, paths):
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            delta = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(delta, dict):
+            raise ConfigError(f"{file}: top level must be a mapping of sections")
+        _merge(tree, delta)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = from_dict(Config, tree)
@@ -331,6 +364,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check = getattr(cfg.method, "validate", None)
     if check is not None:
         check(cfg)
+    from train.compression import validate_compression
+
+    validate_compression(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:
