@@ -232,3 +232,25 @@ def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir,
     assert len(err) == 1 and "missing.json" in err[0], err
     assert knn_main([str(tmp_path / "nowhere"), "--workers", "0"]) == 2
     assert "nowhere" in capsys.readouterr().err
+
+
+def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(make_cfg, mae_run, tmp_path):
+    import shutil
+
+    def train_losses(out_dir) -> dict[int, float]:  # evaluation rows share the step: keep the training ones
+        rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
+        return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+    args = ("method.name=finetune", f"method.init={mae_run}", "train.steps=4", "run.ckpt_every=2",
+            "data.views=finetune", "model.drop_path=0.1", "optim.layer_decay=0.75")
+    straight = make_cfg(*args, name="straight")
+    train(straight, evaluate=live_logits_hook({}, torch.randn(2, 3, 16, 16)))  # evaluation must not shift RNGs
+    full = train_losses(straight.output_dir)
+    resumed = make_cfg(*args, name="resumed")
+    ckpts = resumed.output_dir / "checkpoints"
+    shutil.copytree(straight.output_dir / "checkpoints" / "step_00000002", ckpts / "step_00000002")
+    (ckpts / "latest").write_text("step_00000002")
+    train(resumed)
+    rows = train_losses(resumed.output_dir)
+    assert sorted(rows) == [3, 4] and sorted(full) == [1, 2, 3, 4]
+    assert [rows[3], rows[4]] == pytest.approx([full[3], full[4]], rel=1e-6, abs=1e-7)
