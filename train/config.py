@@ -74,6 +74,7 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch_size / 256 (MAE's rule)
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float = -1.0  # >= 0: half-cosine from weight_decay to this over training (DINO); < 0: constant
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0

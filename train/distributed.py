@@ -97,3 +97,16 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """`x` of every rank concatenated along dim 0 (rank order), gradients flowing back to each rank's part.
+
+    The global-batch negatives of SimCLR and MoCo v3: the backward sums every rank's gradient for this
+    rank's rows, so averaging parameter gradients over ranks gives the gradient of the global-batch loss.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    from torch.distributed._functional_collectives import all_gather_single  # autograd: backward reduce-scatters
+
+    return all_gather_single(x.contiguous(), 0, dist.group.WORLD)

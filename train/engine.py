@@ -24,7 +24,7 @@ from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
 from train.monitor import Monitor, gpu_peak_flops
-from train.optim import lr_at, make_optimizer, param_groups, set_lr
+from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
 
 log = logging.getLogger("train")
 
@@ -82,13 +82,16 @@ def prepare_data(cfg: Config, world: WorldInfo) -> Config:
     return cfg
 
 
-def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps) from epochs or steps."""
+def steps_per_epoch_for(cfg: Config, num_samples: int | None) -> int | None:
+    """Optimizer steps per pass over `data.train` (None when its sample count is unknown)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     batch = cfg.train.global_batch_size or cfg.data.batch_size * world
-    steps_per_epoch = None
-    if num_samples:
-        steps_per_epoch = max(1, num_samples // batch)
+    return max(1, num_samples // batch) if num_samples else None
+
+
+def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) from epochs or steps."""
+    steps_per_epoch = steps_per_epoch_for(cfg, num_samples)
     if cfg.train.steps:
         total = cfg.train.steps
     elif steps_per_epoch is None:
@@ -143,10 +146,13 @@ def train(cfg: Config) -> RunResult:
         out.mkdir(parents=True, exist_ok=True)
     cfg = prepare_data(cfg, world)
     shards = resolve_shards(cfg.data.train)
-    total_steps, warmup_steps = total_steps_for(cfg, cfg.data.num_samples or shards.num_samples)
+    num_samples = cfg.data.num_samples or shards.num_samples
+    total_steps, warmup_steps = total_steps_for(cfg, num_samples)
 
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
     method = build_method(cfg)
+    if hasattr(method, "set_run_length"):  # method schedules (EMA momentum, temperatures) are functions of the step
+        method.set_run_length(total_steps, steps_per_epoch_for(cfg, num_samples))
     ds_config = deepspeed_config(cfg, world.world_size)
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
@@ -202,6 +208,9 @@ def train(cfg: Config) -> RunResult:
         while step < total_steps:
             lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
             set_lr(optimizer, lr)
+            if cfg.optim.weight_decay_end >= 0:
+                wd = weight_decay_at(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
+                set_weight_decay(optimizer, wd)
             for _ in range(accum):
                 t0 = time.perf_counter()
                 batch = to_device(next(data), device, cfg.data.mean, cfg.data.std)
@@ -225,6 +234,8 @@ def train(cfg: Config) -> RunResult:
                         f"{ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or check the data.")
                 elapsed = time.perf_counter() - t_log
                 values["train/lr"] = lr
+                if cfg.optim.weight_decay_end >= 0:
+                    values["train/weight_decay"] = wd
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     values["train/grad_norm"] = float(grad_norm)

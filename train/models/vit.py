@@ -1,4 +1,5 @@
-"""The shared ViT encoder: timm's VisionTransformer, run on any subset of patch tokens.
+"""The shared ViT encoder: timm's VisionTransformer, run on any subset of patch tokens of an image of any
+size that is a multiple of the patch size (position embeddings resampled, as DINO's local crops need).
 
 `ViTEncoder.vit` is a plain `timm.models.vision_transformer.VisionTransformer` (no head), so its
 state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads.
@@ -6,7 +7,7 @@ state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads.
 
 import timm
 import torch
-from timm.layers import build_sincos2d_pos_embed
+from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
 from timm.models import checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
@@ -56,6 +57,7 @@ class ViTEncoder(nn.Module):
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
             drop_path_rate=cfg.drop_path, weight_init="skip",
         )
+        self.vit.patch_embed.strict_img_size = False  # any multiple of the patch size (smaller crops)
         init_mae_weights(self.vit)
         w = self.vit.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -90,9 +92,16 @@ class ViTEncoder(nn.Module):
         return self.cfg.embed_dim
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with their position embeddings, no class token: (B, N, D)."""
+        """Patch tokens with their position embeddings, no class token: (B, N, D).
+
+        An image of another size than `model.img_size` (a multiple of the patch size) gets the position
+        embeddings resampled to its grid: bicubic without antialiasing, as DINO interpolates for its crops.
+        """
         x = self.vit.patch_embed(images.to(self.vit.patch_embed.proj.weight.dtype))
-        return x + self.vit.pos_embed[:, 1:]
+        grid = [images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size]
+        pos = resample_abs_pos_embed(self.vit.pos_embed[:, 1:], grid, list(self.grid_size), num_prefix_tokens=0,
+                                     antialias=False)
+        return x + pos
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
                 attn_mask: torch.Tensor | None = None) -> torch.Tensor:
