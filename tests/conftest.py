@@ -19,6 +19,10 @@ TINY = [
 # method-specific tiny settings, applied by make_cfg when the run selects that method
 TINY_METHOD = {
     "mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
+    "moco_v3": ["data.views=moco_v3", "method.proj_dim=16", "method.mlp_dim=32"],
+    "simclr": ["data.views=simclr", "method.proj_hidden_dim=32", "method.proj_dim=16"],
+    "dino": ["data.views=dino", "data.local_crops=2", "data.local_size=8", "data.local_crop_scale=[0.2,0.5]",
+             "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"],
 }
 
 
