@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,6 +87,16 @@ class SkipCounter:
         if self.count <= 10 or self.count % 1000 == 0:
             log.warning("skipped bad data (%d so far): %s", self.count, exn)
         return True
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then stops them.
+
+    Slurm signals every process of a job step, workers included; a worker killed by it would make
+    the DataLoader raise in the middle of the step that is about to write the checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -193,7 +204,8 @@ class StreamLoader:
                                   positions=positions, rotation=rotation)
         # its own generator: starting the workers must not draw from (and shift) the global torch RNG
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 prefetch_factor=4 if workers else None, generator=torch.Generator())
+                                 prefetch_factor=4 if workers else None, generator=torch.Generator(),
+                                 worker_init_fn=ignore_stop_signals)
 
     @property
     def samples_seen(self) -> int:
@@ -246,9 +258,12 @@ class EvalStream(IterableDataset):
 
 
 def to_device(batch: dict, device: torch.device, mean, std) -> dict:
-    """Move a batch to `device`; uint8 images (..., 3, H, W) become float, scaled to [0, 1] and normalised there."""
-    mean = torch.tensor(mean, device=device).view(-1, 1, 1)
-    std = torch.tensor(std, device=device).view(-1, 1, 1)
+    """Move a batch to `device`; uint8 images (..., 3, H, W) become float, scaled to [0, 1] and normalised there.
+
+    Pass `mean`/`std` as tensors already on `device` to avoid a blocking copy per call.
+    """
+    mean = torch.as_tensor(mean, dtype=torch.float32, device=device).view(-1, 1, 1)
+    std = torch.as_tensor(std, dtype=torch.float32, device=device).view(-1, 1, 1)
     out = {}
     for key, value in batch.items():
         value = value.to(device, non_blocking=True)

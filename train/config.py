@@ -87,6 +87,7 @@ class TrainConfig:
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
+    compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
 
 
 @dataclass
@@ -279,12 +280,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
+    if t.compile:
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if t.compile not in backends:
+            raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
     if not resolve_path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
     try:
-        json.loads(resolve_path(t.deepspeed).read_text())
+        ds = json.loads(resolve_path(t.deepspeed).read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    if t.compile and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
+                          "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:

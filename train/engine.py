@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.augment import build_views
+from data_pipeline.prefetch import DevicePrefetcher
 from data_pipeline.shards import build_digits_shards
 from data_pipeline.stream import StreamLoader, resolve_shards, to_device
 from train import checkpoint
@@ -25,6 +26,7 @@ from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
 from train.monitor import Monitor, gpu_peak_flops
 from train.optim import lr_at, make_optimizer, param_groups, set_lr
+from train.speed import compile_blocks, enable_fast_kernels
 
 log = logging.getLogger("train")
 
@@ -111,6 +113,25 @@ def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
     return total, min(warmup, total)
 
 
+def build_engine(cfg: Config, world_size: int):
+    """The method, its optimizer and the DeepSpeed engine around them, as every run (and the benchmark) builds them.
+
+    Returns (engine, optimizer, ds_config, peak_lr).
+    """
+    import deepspeed
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg)
+    if cfg.train.compile:
+        compile_blocks(method, cfg.train.compile)
+    ds_config = deepspeed_config(cfg, world_size)
+    peak_lr = cfg.optim.base_lr * ds_config["train_batch_size"] / 256
+    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), peak_lr, cfg.optim.betas,
+                               cpu_offload=offloads_optimizer(ds_config))
+    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, ds_config, peak_lr
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); agreed on by all ranks every step."""
 
@@ -141,10 +162,10 @@ class StopFlag:
 
 def train(cfg: Config) -> RunResult:
     """Run (or resume) pretraining as configured; every rank calls this."""
-    import deepspeed
-
     world = init_distributed()
     device = device_for(world)
+    if device.type == "cuda":
+        enable_fast_kernels()
     out = cfg.output_dir
     ckpt_dir = out / "checkpoints"
     if world.is_main:
@@ -153,15 +174,10 @@ def train(cfg: Config) -> RunResult:
     shards = resolve_shards(cfg.data.train)
     total_steps, warmup_steps = total_steps_for(cfg, cfg.data.num_samples or shards.num_samples)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    method = build_method(cfg)
-    ds_config = deepspeed_config(cfg, world.world_size)
+    engine, optimizer, ds_config, peak_lr = build_engine(cfg, world.world_size)
+    method = engine.module
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
-    peak_lr = cfg.optim.base_lr * global_batch / 256
-    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), peak_lr, cfg.optim.betas,
-                               cpu_offload=offloads_optimizer(ds_config))
-    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
 
     step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
     data_state = None
@@ -189,7 +205,7 @@ def train(cfg: Config) -> RunResult:
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
-        n_params = sum(p.numel() for p in method.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in method.parameters())  # ZeRO-3: full size
         log.info("method %s, %.1fM parameters, %d steps (%d warmup), global batch %d = %d per rank x %d ranks x %d "
                  "accumulation, precision %s, %s", cfg.method.name, n_params / 1e6, total_steps, warmup_steps,
                  global_batch, cfg.data.batch_size, world.world_size, accum,
@@ -205,14 +221,15 @@ def train(cfg: Config) -> RunResult:
     sums: dict[str, torch.Tensor] = {}
     wait, t_log, steps_since = 0.0, time.perf_counter(), 0
     batch = None
-    data = iter(loader)
+    mean, std = (torch.tensor(v, device=device) for v in (cfg.data.mean, cfg.data.std))
+    data = DevicePrefetcher(loader, lambda host: to_device(host, device, mean, std), device)
     try:
         while step < total_steps:
             lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
             set_lr(optimizer, lr)
             for _ in range(accum):
                 t0 = time.perf_counter()
-                batch = to_device(next(data), device, cfg.data.mean, cfg.data.std)
+                batch = next(data)
                 wait += time.perf_counter() - t0
                 loss, report = engine(batch, step)
                 engine.backward(loss)
@@ -245,15 +262,15 @@ def train(cfg: Config) -> RunResult:
                 if device.type == "cuda":
                     values["perf/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 values["data/wait_fraction"] = wait / elapsed
-                values["data/skipped"] = float(loader.skipped)
-                values["data/samples_seen"] = float(loader.samples_seen)
+                values["data/skipped"] = float(data.skipped)
+                values["data/samples_seen"] = float(data.samples_seen)
                 monitor.scalars(step, values)
                 sums, wait, t_log, steps_since = {}, 0.0, time.perf_counter(), 0
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
                 meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
-                rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
+                rank_state = {"rng": checkpoint.rng_state(), "data": data.state_dict()}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
