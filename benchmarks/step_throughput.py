@@ -170,7 +170,7 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
         loss = step(batch, i)
     sync()
     seconds = time.perf_counter() - start
-    result = {"img_per_s": steps * cfg.data.batch_size / seconds, "loss": float(loss),
+    result = {"img_per_s": steps * cfg.data.batch_size / seconds, "loss": float(loss.detach()),
               "batch_size": cfg.data.batch_size, "tokens_per_image": module.tokens_per_image(),
               "flops_per_image": module.flops_per_image()}
     result["tokens_per_s"] = result["img_per_s"] * result["tokens_per_image"]
