@@ -1,41 +1,10 @@
-"""Speed options leave the numbers alone: device prefetching, regional torch.compile, activation checkpointing."""
+"""Speed options leave the numbers alone (regional torch.compile, activation checkpointing); benchmark baseline."""
 
 import pytest
-import torch
 from test_engine import fully_partitioned_zero3, losses, plain_pytorch_losses
 
-from data_pipeline.augment import SingleView
-from data_pipeline.prefetch import DevicePrefetcher
-from data_pipeline.stream import StreamLoader, resolve_shards, to_device
 from train.config import ConfigError
 from train.engine import train
-
-MEAN, STD = (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)
-
-
-def digits_loader(digits_dir, state=None):
-    return StreamLoader(resolve_shards(str(digits_dir / "train.json")).urls, SingleView(16, (0.5, 1.0)), 8,
-                        shuffle_buffer=64, state=state)
-
-
-def test_prefetcher_hands_out_the_batches_and_the_position_after_each(digits_dir):
-    cpu = torch.device("cpu")
-    reference, states = [], []
-    plain = digits_loader(digits_dir)
-    for batch, _ in zip(plain, range(6)):
-        reference.append(to_device(batch, cpu, MEAN, STD))
-        states.append(plain.state_dict())
-    loader = digits_loader(digits_dir)
-    prefetcher = DevicePrefetcher(loader, lambda b: to_device(b, cpu, torch.tensor(MEAN), torch.tensor(STD)), cpu)
-    for k in range(4):
-        batch = next(prefetcher)
-        assert torch.equal(batch["images"], reference[k]["images"]) and torch.equal(batch["labels"],
-                                                                                      reference[k]["labels"])
-        # the loader is one batch further; the prefetcher reports where the consumed batch left it
-        assert loader.state_dict() == states[k + 1] and prefetcher.state_dict() == states[k]
-        assert prefetcher.samples_seen == (k + 1) * 8
-    resumed = next(iter(digits_loader(digits_dir, state=prefetcher.state_dict())))
-    assert torch.equal(to_device(resumed, cpu, MEAN, STD)["images"], reference[4]["images"])
 
 
 def test_compiled_blocks_give_the_eager_losses(make_cfg):

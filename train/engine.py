@@ -17,10 +17,10 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.augment import build_views
-from data_pipeline.prefetch import DevicePrefetcher
 from data_pipeline.shards import build_digits_shards
-from data_pipeline.stream import StreamLoader, resolve_shards, to_device
+from data_pipeline.stream import StreamLoader, resolve_shards
 from train import checkpoint
+from train.compression import CompressionSchedule, GradientDiagnostic, step_seed
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
@@ -198,10 +198,10 @@ def train(cfg: Config) -> RunResult:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
 
     loader = StreamLoader(
-        shards.urls, build_views(cfg.data, cfg.model.img_size), cfg.data.batch_size,
+        shards.urls, build_views(cfg.data, cfg.model.img_size, device), cfg.data.batch_size,
         rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
-        state=data_state)
+        state=data_state, device=device, mean=cfg.data.mean, std=cfg.data.std)
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
@@ -213,6 +213,9 @@ def train(cfg: Config) -> RunResult:
         log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, global_batch, peak_lr)
     monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
     module = engine.module
+    # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
+    compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
+    diagnostic = GradientDiagnostic(cfg, device, use_bf16(cfg)) if cfg.compression.diagnose_every else None
     stop = StopFlag()
     peak_flops = gpu_peak_flops()
     flops_per_image = getattr(module, "flops_per_image", lambda: None)()
@@ -221,16 +224,17 @@ def train(cfg: Config) -> RunResult:
     sums: dict[str, torch.Tensor] = {}
     wait, t_log, steps_since = 0.0, time.perf_counter(), 0
     batch = None
-    mean, std = (torch.tensor(v, device=device) for v in (cfg.data.mean, cfg.data.std))
-    data = DevicePrefetcher(loader, lambda host: to_device(host, device, mean, std), device)
+    data = iter(loader)
     try:
         while step < total_steps:
             lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
             set_lr(optimizer, lr)
-            for _ in range(accum):
+            for micro in range(accum):
                 t0 = time.perf_counter()
-                batch = next(data)
+                batch = next(data)  # on the device, normalised
                 wait += time.perf_counter() - t0
+                if compression.active:
+                    batch["compression"] = compression.at(step, step_seed(cfg.run.seed, world.rank, step, micro))
                 loss, report = engine(batch, step)
                 engine.backward(loss)
                 engine.step()
@@ -240,6 +244,12 @@ def train(cfg: Config) -> RunResult:
             steps_since += 1
             if hasattr(module, "on_step_end"):
                 module.on_step_end(step)
+            diagnosed = {}
+            if diagnostic and step % cfg.compression.diagnose_every == 0 and not batch["compression"].is_full:
+                # every rank takes part (gradients are averaged over ranks); not counted in img/s
+                t0 = time.perf_counter()
+                diagnosed = diagnostic(module, batch, step - 1, batch["compression"])
+                t_log += time.perf_counter() - t0
             stopped = stop.agreed()
             save_now = stopped or step % cfg.run.ckpt_every == 0 or step == total_steps
             if save_now or step % cfg.run.log_every == 0:
@@ -250,6 +260,11 @@ def train(cfg: Config) -> RunResult:
                         f"{ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or check the data.")
                 elapsed = time.perf_counter() - t_log
                 values["train/lr"] = lr
+                if compression.active:  # throughput counts the tokens and FLOPs of this step's setting
+                    setting = batch["compression"]
+                    values.update(compression.describe(setting))
+                    flops_per_image = getattr(module, "flops_per_image", lambda **_: None)(compression=setting)
+                    tokens_per_image = getattr(module, "tokens_per_image", lambda **_: None)(compression=setting)
                 grad_norm = engine.get_global_grad_norm()
                 if grad_norm is not None:
                     values["train/grad_norm"] = float(grad_norm)
@@ -262,15 +277,17 @@ def train(cfg: Config) -> RunResult:
                 if device.type == "cuda":
                     values["perf/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 values["data/wait_fraction"] = wait / elapsed
-                values["data/skipped"] = float(data.skipped)
-                values["data/samples_seen"] = float(data.samples_seen)
-                monitor.scalars(step, values)
+                values["data/skipped"] = float(loader.skipped)
+                values["data/samples_seen"] = float(loader.samples_seen)
+                monitor.scalars(step, {**values, **diagnosed})
                 sums, wait, t_log, steps_since = {}, 0.0, time.perf_counter(), 0
+            elif diagnosed:
+                monitor.scalars(step, diagnosed, console=False)
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
                 meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
-                rank_state = {"rng": checkpoint.rng_state(), "data": data.state_dict()}
+                rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)

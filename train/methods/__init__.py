@@ -7,10 +7,14 @@ teachers), `flops_per_image()` and `tokens_per_image()` (throughput logging), an
 attribute (a `train.models.vit.ViTEncoder`) that evaluation and export use.
 """
 
+from train.methods.digpt import DiGPT
 from train.methods.mae import MAE
+from train.methods.mapet import MaPeT
 
 METHODS = {
     "mae": MAE,
+    "mapet": MaPeT,
+    "digpt": DiGPT,
 }
 
 
