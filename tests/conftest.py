@@ -19,6 +19,7 @@ TINY = [
 # method-specific tiny settings, applied by make_cfg when the run selects that method
 TINY_METHOD = {
     "mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
+    "hpm": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
 }
 
 

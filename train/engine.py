@@ -197,6 +197,8 @@ def train(cfg: Config) -> RunResult:
         log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, global_batch, peak_lr)
     monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
     module = engine.module
+    if hasattr(module, "set_total_steps"):  # methods with schedules over training progress
+        module.set_total_steps(total_steps)
     stop = StopFlag()
     peak_flops = gpu_peak_flops()
     flops_per_image = getattr(module, "flops_per_image", lambda: None)()
