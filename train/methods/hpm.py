@@ -179,7 +179,7 @@ class HPM(nn.Module):
             "loss": loss.detach(), "recon_loss": recon.detach(), "predictor_loss": rank.detach(),
             "predictor_kendall": kendall_tau(predicted_loss, target, mask),
             "teacher_kendall": kendall_tau(difficulty, target, mask),
-            "hard_share": torch.tensor(self.share, device=loss.device),
+            "hard_share": torch.full((), self.share, device=loss.device),  # a fill, no host-device copy
         }
 
     def on_step_end(self, step: int) -> None:
