@@ -11,6 +11,10 @@ without decoding them. The DataLoader hands out batches from its workers round-r
 loader knows which reader produced each batch and checkpoints every reader's position plus the
 next reader in turn. Every rank's stream is infinite, so all ranks run the same number of steps.
 
+With a `device`, the loader also moves each batch there (the views' own `to_device` when they decode
+on the device, else `to_device` below), one batch ahead on a side CUDA stream so the copy and decode
+overlap the training step; a batch's position is committed only when it is handed out.
+
 Corrupt, empty or undecodable images and truncated tars are skipped and counted, never fatal.
 """
 
@@ -18,6 +22,7 @@ import json
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +93,16 @@ class SkipCounter:
         return True
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then stops them.
+
+    Slurm signals every process of a job step, workers included; a worker killed by it would make
+    the DataLoader raise in the middle of the step that is about to write the checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
+
 def collate(samples: list[dict]) -> dict:
     return {k: torch.stack([s[k] for s in samples]) if isinstance(samples[0][k], torch.Tensor)
             else torch.tensor([s[k] for s in samples]) for k in samples[0]}
@@ -104,11 +119,16 @@ class ShardStream(IterableDataset):
         self.resampled, self.shuffle_buffer, self.num_readers = resampled, shuffle_buffer, num_readers
         self.positions = positions or {}  # reader -> (segment, index, skipped)
         self.rotation = rotation
+        self.collate = getattr(views, "collate", collate)
         slots = world_size * num_readers
         if not resampled and len(self.urls) < slots:
             raise ValueError(f"epoch mode needs at least one shard per reader: {len(self.urls)} shards < "
                              f"world size {world_size} x data.workers {num_readers}; write more shards, "
                              "lower data.workers, or set data.resampled=true")
+        if resampled and len(self.urls) < slots and rank == 0:
+            log.warning("%d shards for %d readers (world size %d x data.workers %d): readers often read the same "
+                        "shard at the same time, so batches repeat samples; write more, smaller shards",
+                        len(self.urls), slots, world_size, num_readers)
 
     def segment_shards(self, reader: int, segment: int) -> list[str]:
         slots = self.world_size * self.num_readers
@@ -129,9 +149,10 @@ class ShardStream(IterableDataset):
         return samples
 
     def make_views(self, raw: dict, seed: int) -> dict:
+        from_sample = getattr(self.views, "from_sample", None)  # views that need the encoded bytes
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            views = self.views(decode_image(raw))
+            torch.default_generator.manual_seed(seed)  # CPU only: torch.manual_seed also queues CUDA seeding (slow)
+            views = from_sample(raw) if from_sample else self.views(decode_image(raw))
         views["labels"] = int(raw.get("cls", -1))
         return views
 
@@ -155,7 +176,7 @@ class ShardStream(IterableDataset):
                     handler(err)
                     continue
                 if len(batch) == self.batch_size:
-                    out = collate(batch)
+                    out = self.collate(batch)
                     out["_position"] = torch.tensor([reader, segment, index + 1, handler.count])
                     yield out
                     batch = []
@@ -167,13 +188,18 @@ class ShardStream(IterableDataset):
 
 
 class StreamLoader:
-    """Iterates a rank's batches from DataLoader workers and tracks the stream position for checkpoints."""
+    """Iterates a rank's batches from DataLoader workers and tracks the stream position for checkpoints.
+
+    With `device`, batches come out on it, normalised with `mean`/`std` (see the module docstring).
+    """
 
     def __init__(self, urls: list[str], views: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000, workers: int = 0,
-                 pin_memory: bool = False, state: dict | None = None):
+                 pin_memory: bool = False, state: dict | None = None, device: torch.device | None = None,
+                 mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         readers = max(1, workers)
         positions, rotation, self.batches = {}, 0, 0
+        self.device_skipped = state.get("device_skipped", 0) if state else 0
         if state:
             if state["readers"] == readers and state["world_size"] == world_size:
                 positions = {int(k): tuple(v) for k, v in state["positions"].items()}
@@ -181,19 +207,23 @@ class StreamLoader:
             else:
                 # other reader layout: the old positions do not map, start fresh segments after them
                 first = 1 + max((v[0] for v in state["positions"].values()), default=0)
-                positions = {r: (first, 0, 0) for r in range(readers)}
+                skipped = sum(v[2] for v in state["positions"].values())  # kept on reader 0: the count goes on
+                positions = {r: (first, 0, skipped if r == 0 else 0) for r in range(readers)}
                 self.batches = state["batches"]
                 log.warning("data stream: %d readers x %d ranks now vs %d x %d in the checkpoint; "
                             "continuing from fresh segments instead of the exact position",
                             readers, world_size, state["readers"], state["world_size"])
         self.readers, self.world_size, self.batch_size = readers, world_size, batch_size
         self.positions, self.next_reader = dict(positions), rotation
+        self.device, self.mean, self.std = device, mean, std
+        self.prepare = getattr(views, "to_device", to_device)
         self.stream = ShardStream(urls, views, batch_size, rank=rank, world_size=world_size, seed=seed,
                                   resampled=resampled, shuffle_buffer=shuffle_buffer, num_readers=readers,
                                   positions=positions, rotation=rotation)
         # its own generator: starting the workers must not draw from (and shift) the global torch RNG
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 prefetch_factor=4 if workers else None, generator=torch.Generator())
+                                 prefetch_factor=4 if workers else None, generator=torch.Generator(),
+                                 worker_init_fn=ignore_stop_signals)
 
     @property
     def samples_seen(self) -> int:
@@ -201,46 +231,93 @@ class StreamLoader:
 
     @property
     def skipped(self) -> int:
-        return sum(p[2] for p in self.positions.values())
+        """Samples skipped so far: unreadable in the workers plus undecodable on the device."""
+        return sum(p[2] for p in self.positions.values()) + self.device_skipped
 
     def state_dict(self) -> dict:
         return {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
-                "readers": self.readers, "world_size": self.world_size, "batches": self.batches}
+                "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
+                "device_skipped": self.device_skipped}
+
+    def _to_device(self, batch: dict, side_stream) -> tuple[dict, object]:
+        """(the batch on the device, a CUDA event marking the end of its preparation or None)."""
+        if self.device is None:
+            return batch, None
+        if side_stream is None:
+            return self.prepare(batch, self.device, self.mean, self.std), None
+        with torch.cuda.stream(side_stream):
+            batch = self.prepare(batch, self.device, self.mean, self.std)
+            ready = torch.cuda.Event()
+            ready.record(side_stream)
+        return batch, ready
+
+    def _commit(self, batch: dict, ready, position: list[int]) -> dict:
+        if ready is not None:  # the step's stream waits for this batch only, not for the next one behind it
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(ready)
+            for value in batch.values():
+                if isinstance(value, torch.Tensor) and value.is_cuda:
+                    value.record_stream(current)
+        reader, segment, index, skipped = position
+        self.positions[reader] = (segment, index, skipped)
+        self.next_reader = (reader + 1) % self.readers
+        self.device_skipped += batch.pop("_skipped", 0)
+        self.batches += 1
+        return batch
 
     def __iter__(self) -> Iterator[dict]:
-        for batch in self.loader:
-            reader, segment, index, skipped = batch.pop("_position").tolist()
-            self.positions[reader] = (segment, index, skipped)
-            self.next_reader = (reader + 1) % self.readers
-            self.batches += 1
-            yield batch
+        on_cuda = self.device is not None and self.device.type == "cuda"
+        side_stream = torch.cuda.Stream(self.device) if on_cuda else None
+        pending = None
+        for host_batch in self.loader:
+            position = host_batch.pop("_position").tolist()
+            batch, ready = self._to_device(host_batch, side_stream)
+            if pending is not None:
+                yield self._commit(*pending)
+            pending = (batch, ready, position)
+        if pending is not None:
+            yield self._commit(*pending)
 
 
 class EvalStream(IterableDataset):
-    """Every sample of a shard set exactly once across ranks and workers, in a fixed order (evaluation)."""
+    """Every readable sample of a shard set exactly once across ranks and DataLoader workers (evaluation).
+
+    The `world_size x workers` readers split the shards; with fewer shards than readers, the readers of
+    one shard take every k-th of its samples. Order is fixed; the last batch of a reader may be short.
+    Unreadable samples are skipped, counted (`skipped`, per process) and logged.
+    """
 
     def __init__(self, urls: list[str], views: Callable, batch_size: int, rank: int = 0, world_size: int = 1):
         self.urls, self.views, self.batch_size = list(urls), views, batch_size
         self.rank, self.world_size = rank, world_size
         self.skipped = SkipCounter()
 
+    def assignment(self, slot: int, slots: int) -> list[tuple[str, int, int]]:
+        """(shard url, stride, offset) triples reader `slot` of `slots` reads: samples with index % stride == offset."""
+        shards = len(self.urls)
+        if shards >= slots:
+            return [(url, 1, 0) for url in self.urls[slot::slots]]
+        shard = slot % shards
+        return [(self.urls[shard], len(range(shard, slots, shards)), slot // shards)]
+
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        slots = self.world_size * workers
-        shards = self.urls[self.rank * workers + worker::slots]
         batch = []
-        for raw in tarfile_samples(iter([{"url": u} for u in shards]), handler=self.skipped):
-            try:
-                views = self.views(decode_image(raw))
-            except Exception as err:
-                self.skipped(err)
-                continue
-            views["labels"] = int(raw.get("cls", -1))
-            batch.append(views)
-            if len(batch) == self.batch_size:
-                yield collate(batch)
-                batch = []
+        for url, stride, offset in self.assignment(self.rank * workers + worker, self.world_size * workers):
+            for index, raw in enumerate(tarfile_samples(iter([{"url": url}]), handler=self.skipped)):
+                if index % stride != offset:
+                    continue
+                try:
+                    views = self.views(decode_image(raw))
+                except Exception as err:
+                    self.skipped(err)
+                    continue
+                views["labels"] = int(raw.get("cls", -1))
+                batch.append(views)
+                if len(batch) == self.batch_size:
+                    yield collate(batch)
+                    batch = []
         if batch:
             yield collate(batch)
 

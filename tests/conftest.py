@@ -19,11 +19,22 @@ TINY = [
 # method-specific tiny settings, applied by make_cfg when the run selects that method
 TINY_METHOD = {
     "mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
+    "hpm": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
+    "mlo_mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "method.mask_net_dim=16",
+                "method.mask_net_depth=1", "method.mask_net_heads=2", "method.hyper_every=1",
+                "method.head_base_lr=0.5", "method.mask_base_lr=0.5"],
+    "mapet": ["method.num_visible=4", "method.num_codes=16", "method.teacher.num_heads=2"],
+    "digpt": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
+              "method.teacher.num_heads=2"],
     "moco_v3": ["data.views=moco_v3", "method.proj_dim=16", "method.mlp_dim=32"],
     "simclr": ["data.views=simclr", "method.proj_hidden_dim=32", "method.proj_dim=16"],
     "dino": ["data.views=dino", "data.local_crops=2", "data.local_size=8", "data.local_crop_scale=[0.2,0.5]",
              "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"],
 }
+
+# a tiny CLIP image tower: timm's vit_base_patch16_clip_224 layout (pre-norm, LayerNorm eps 1e-5) at 16 px,
+# 4 px patches, width 32, 2 blocks, 2 heads, a 24-d output projection
+TINY_CLIP = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=24)
 
 
 def tiny_overrides(overrides=()) -> list[str]:
@@ -40,6 +51,43 @@ def digits_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("digits")
     build_digits_shards(out)
     return out
+
+
+def timm_to_openai_clip(state: dict) -> dict:
+    """A timm CLIP tower's state dict under OpenAI / open_clip names (`visual.*`), as their checkpoints hold it."""
+    names = [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks."),
+             ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"),
+             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
+    out = {}
+    for key, value in state.items():
+        if key == "cls_token":
+            key, value = "class_embedding", value.flatten()
+        elif key == "pos_embed":
+            key, value = "positional_embedding", value[0]
+        elif key == "head.weight":
+            key, value = "proj", value.T
+        elif key == "head.bias":
+            assert not value.any()  # CLIP's projection has no bias
+            continue
+        elif key.startswith("norm."):
+            key = key.replace("norm.", "ln_post.")
+        for ours, theirs in names:
+            key = key.replace(ours, theirs)
+        out["visual." + key] = value.clone()
+    return out
+
+
+@pytest.fixture(scope="session")
+def clip_teacher(tmp_path_factory) -> Path:
+    """A tiny randomly initialised CLIP image tower (TINY_CLIP) saved as an OpenAI / open_clip checkpoint."""
+    import timm
+    import torch
+
+    torch.manual_seed(1234)
+    tower = timm.create_model("vit_base_patch16_clip_224", pretrained=False, **TINY_CLIP)
+    path = tmp_path_factory.mktemp("teacher") / "open_clip_tiny.bin"
+    torch.save(timm_to_openai_clip(tower.state_dict()), path)
+    return path
 
 
 @pytest.fixture

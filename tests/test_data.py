@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 
 from data_pipeline.augment import SingleView
-from data_pipeline.shards import folder_samples, sha256_file, write_shards
+from data_pipeline.shards import folder_sources, sha256_file, write_shards
 from data_pipeline.shards import main as shards_main
 from data_pipeline.stream import StreamLoader, resolve_shards
 
@@ -67,7 +67,7 @@ def test_folder_to_shards_cli(tmp_path):
 
 def test_missing_inputs_are_named(tmp_path):
     with pytest.raises(FileNotFoundError, match="image folder not found: .*nope"):
-        folder_samples(tmp_path / "nope")
+        folder_sources(tmp_path / "nope")
     with pytest.raises(FileNotFoundError, match=r"data.val: manifest not found: .*none.json"):
         resolve_shards(str(tmp_path / "none.json"), key="data.val")
     with pytest.raises(FileNotFoundError, match=r"data.train: shard not found: .*train-000000.tar \(2 of 2 missing\)"):

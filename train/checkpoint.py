@@ -126,6 +126,28 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((ckpt_dir / tag / MARKER).read_text())
 
 
+def load_weights(module: torch.nn.Module, path: str | Path) -> int:
+    """Load the model weights of a complete checkpoint (a `step_N` directory, or the newest complete one
+    under a checkpoints directory; any ZeRO stage and world size) into a plain `module`; returns its step.
+
+    Parameters come from DeepSpeed's zero_to_fp32 (fp32 master weights); what it leaves out (extra
+    state such as EMA teachers, frozen parameters under ZeRO-1/2) from the rank-0 model-state file.
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    path = Path(path)
+    ckpt_dir, tag = (path.parent, path.name) if TAG_RE.match(path.name) else (path, find_resume_tag(path))
+    if tag is None or not (ckpt_dir / tag / MARKER).exists():
+        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker) nor a directory holding one")
+    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
+    model_states = sorted((ckpt_dir / tag).glob("*model_states.pt"))[0]
+    saved = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
+    state.update({k: v for k, v in saved.items()
+                  if k not in state and (k.endswith("_extra_state") or v.numel() > 0)})  # ZeRO-3: placeholders
+    module.load_state_dict(state)
+    return read_meta(ckpt_dir, tag)["step"]
+
+
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
     """Load model + optimizer into `engine`; return (client_state, this rank's state or None)."""
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)

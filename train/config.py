@@ -3,6 +3,7 @@
 `load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
 validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
 `ConfigError` with one line naming the key, before any model or process group is built.
+A list of YAML files is merged in order (later files win).
 """
 
 import dataclasses
@@ -18,7 +19,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("auto", "bf16", "fp32")
-VIEWS = ("single", "moco_v3", "simclr", "dino")
+VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune")
+DECODE = ("auto", "cpu", "gpu")
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 class ConfigError(ValueError):
@@ -47,8 +50,12 @@ class DataConfig:
     resampled: bool = True  # draw shards with replacement (True) or disjoint per-epoch splits (False)
     shuffle_buffer: int = 2000
     views: str = "single"  # single (MAE family) | moco_v3 | simclr (two views) | dino (2 global + local crops)
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # of the (global) crops
+    #                        | finetune (crop, flip, RandAugment: supervised fine-tuning)
+    crop_scale: tuple[float, float] | None = None  # of the (global) crops; unset: the recipe's (0.2 / 0.08 / 0.4)
     hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
+    jitter_strength: float = 1.0  # scales the recipe's colour jitter (SimCLR's color_jitter_strength)
+    decode: str = "auto"  # auto (on the GPU for "single" views when CUDA is there) | cpu | gpu
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy of the finetune view ("": off)
     local_crops: int = 8  # dino
     local_size: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
@@ -79,6 +86,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0
     clip_grad: float = 0.0  # 0: off
+    optimizer: str = "adamw"  # adamw | sgd | lars (LARS: MAE's linear probe; needs ZeRO stage 0 and fp32)
+    momentum: float = 0.9  # sgd and lars
+    layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE fine-tuning): lr x decay^(depth + 1 - layer); 1: off
 
 
 @dataclass
@@ -88,6 +98,7 @@ class TrainConfig:
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
+    compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
 
 
 @dataclass
@@ -99,6 +110,26 @@ class EvalConfig:
 
 
 @dataclass
+class ScheduleConfig:
+    """A value as a pure function of training progress p in [0, 1] (train/compression.py:schedule_value)."""
+
+    kind: str = "constant"  # constant (`start` throughout) | step | linear | cosine (start -> end by `until`)
+    start: float = 1.0  # value at the start of training
+    end: float = 1.0  # value from `until` on
+    until: float = 1.0  # fraction of training at which the value reaches `end`
+    stages: int = 1  # step: constant stages between start and end (values evenly spaced)
+
+
+@dataclass
+class CompressionConfig:
+    """Progressive sequence compression (train/compression.py); the defaults compress nothing."""
+
+    keep_ratio: ScheduleConfig = field(default_factory=ScheduleConfig)  # token dropout: fraction of patches kept
+    patch_scale: ScheduleConfig = field(default_factory=ScheduleConfig)  # patch size / model.patch_size (>= 1)
+    diagnose_every: int = 0  # steps between gradient-error diagnostics (0: off)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -107,25 +138,35 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
 
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
 
-def _method_config_class(name: Any):
+def _method_class(name: Any):
     from train.methods import METHODS
 
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name].Config
+    return METHODS[name]
+
+
+def _method_config_class(name: Any):
+    return _method_class(name).Config
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where it is lossless."""
     origin = typing.get_origin(tp)
     if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(tp):
+        options = [o for o in typing.get_args(tp) if o is not type(None)]
+        if value is None and len(options) < len(typing.get_args(tp)):
+            return None
+        if len(options) == 1:  # `X | None`: report X's own error
+            return _coerce(value, options[0], key)
+        for option in options:
             try:
                 return _coerce(value, option, key)
             except ConfigError:
@@ -222,19 +263,30 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """Read a YAML delta over the defaults, apply `a.b=value` overrides, validate."""
+def _merge(tree: dict, delta: dict) -> dict:
+    """`delta` over `tree`: nested mappings merge key by key, anything else replaces."""
+    for key, value in delta.items():
+        if isinstance(value, dict) and isinstance(tree.get(key), dict):
+            _merge(tree[key], value)
+        else:
+            tree[key] = value
+    return tree
+
+
+def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
+    """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
     tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
+    paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
+    for file in map(Path, paths):
+        if not file.is_file():
+            raise ConfigError(f"config file not found: {file}")
         try:
-            tree = yaml.safe_load(path.read_text()) or {}
+            delta = yaml.safe_load(file.read_text()) or {}
         except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(tree, dict):
-            raise ConfigError(f"{path}: top level must be a mapping of sections")
+            raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+        if not isinstance(delta, dict):
+            raise ConfigError(f"{file}: top level must be a mapping of sections")
+        _merge(tree, delta)
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = from_dict(Config, tree)
@@ -266,9 +318,15 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if d.views not in VIEWS:
         raise ConfigError(f"data.views={d.views!r}: choose one of {VIEWS}")
     for key in ("crop_scale", "local_crop_scale"):
-        low, high = getattr(d, key)
+        low, high = getattr(d, key) or (1, 1)
         if not 0 < low <= high <= 1:
             raise ConfigError(f"data.{key}={getattr(d, key)} must satisfy 0 < min <= max <= 1")
+    if d.decode not in DECODE:
+        raise ConfigError(f"data.decode={d.decode!r}: choose one of {DECODE}")
+    if d.decode == "gpu" and d.views != "single":
+        raise ConfigError(f"data.decode=gpu decodes single views only, not data.views={d.views!r}; use auto or cpu")
+    if d.jitter_strength < 0:
+        raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be >= 0")
     if (t.epochs > 0) == (t.steps > 0):
         raise ConfigError(f"set exactly one of train.epochs ({t.epochs}) and train.steps ({t.steps})")
     if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:
@@ -280,12 +338,34 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
+    if t.compile:
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if t.compile not in backends:
+            raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
     if not resolve_path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
     try:
-        json.loads(resolve_path(t.deepspeed).read_text())
+        zero = json.loads(resolve_path(t.deepspeed).read_text()).get("zero_optimization", {})
     except json.JSONDecodeError as err:
         raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    if t.compile and zero.get("stage", 0) == 3:
+        raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
+                          "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
+    if o.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
+    if o.layer_decay < 1 and not hasattr(_method_class(cfg.method.name), "group_matcher"):
+        raise ConfigError(f"optim.layer_decay needs a method with layer groups (group_matcher); "
+                          f"{cfg.method.name} has none")
+    if o.optimizer == "lars" and (zero.get("stage", 0) != 0 or t.precision != "fp32"):
+        raise ConfigError("optim.optimizer=lars needs train.deepspeed=ds_configs/zero0.json and train.precision=fp32: "
+                          "ZeRO partitions and bf16 master weights flatten parameters, breaking LARS's per-layer "
+                          "trust ratio")
+    if o.optimizer != "adamw" and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme"):
+        raise ConfigError(f"optim.optimizer={o.optimizer}: optimizer offload runs DeepSpeed's CPU Adam; use adamw")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
@@ -295,6 +375,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     check = getattr(cfg.method, "validate", None)
     if check is not None:
         check(cfg)
+    from train.compression import validate_compression
+
+    validate_compression(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:

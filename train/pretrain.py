@@ -1,6 +1,6 @@
 """Pretraining entry point for `python -m train.pretrain`, `torchrun`, `deepspeed` and `srun`.
 
-    python -m train.pretrain --config train/configs/mae_demo.yaml [section.key=value ...]
+    python -m train.pretrain --config train/configs/mae_demo.yaml [--config more.yaml ...] [section.key=value ...]
 """
 
 import argparse
@@ -22,11 +22,12 @@ log = logging.getLogger("train")
 
 def parse_args(argv):
     parser = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="YAML file of settings over the defaults (train/configs/*.yaml)")
+    parser.add_argument("--config", action="append", help="YAML file of settings over the defaults "
+                        "(train/configs/*.yaml); repeat to stack files, later ones win")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; LOCAL_RANK is read from the environment")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 model.depth=4")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def end_of_run_eval(cfg, result) -> dict:

@@ -90,14 +90,14 @@ class DINO(nn.Module):
         self.teacher = EMA(self.online())  # fp32, eval mode (no drop path), outside DeepSpeed
         self.center = torch.zeros(1, m.out_dim)  # fp32, outside DeepSpeed; saved by get_extra_state
         self.local_crops, self.local_size = cfg.data.local_crops, cfg.data.local_size
-        # set_run_length (called by the engine) turns the epoch-based knobs into steps
+        # set_total_steps (called by the engine) turns the epoch-based knobs into steps
         self.total_steps, self.freeze_steps, self.teacher_temp_warmup_steps = max(1, cfg.train.steps), 0, 0
 
     def online(self) -> nn.ModuleDict:
         """The part the teacher tracks (encoder + head), grouped on the fly, never registered."""
         return nn.ModuleDict({"encoder": self.encoder, "head": self.head})
 
-    def set_run_length(self, total_steps: int, steps_per_epoch: int | None) -> None:
+    def set_total_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         m = self.cfg
         if steps_per_epoch is None and (m.warmup_teacher_temp_epochs or m.freeze_last_layer):
             raise ConfigError("method.warmup_teacher_temp_epochs and method.freeze_last_layer count epochs: point "

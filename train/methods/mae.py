@@ -3,12 +3,14 @@
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError
 from train.models.decoder import MAEDecoder
 from train.models.masking import random_masking
-from train.models.vit import ViTEncoder
+from train.models.vit import ViTEncoder, patch_grid
 
 
 @dataclass
@@ -66,7 +68,13 @@ def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_
 
 
 class MAE(nn.Module):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of MAE's visible patches
+    (the dropped ones are reconstructed like the masked ones); patch scaling runs the whole of MAE on
+    the coarser grid, predicting each large patch at the model's patch size (the target is the image
+    resized to grid x model.patch_size), so the decoder's weights serve every size too."""
+
     Config = MAEConfig
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -77,16 +85,24 @@ class MAE(nn.Module):
         self.decoder = MAEDecoder(self.encoder.grid_size, cfg.model.embed_dim, m.decoder_dim, m.decoder_depth,
                                   m.decoder_heads, out_dim=cfg.model.patch_size**2 * 3)
 
-    def reconstruct(self, images: torch.Tensor):
+    def grid_and_keep(self, image_size, compression: Setting = FULL) -> tuple[tuple[int, int], int]:
+        """The patch grid and the number of patches the encoder sees under `compression`."""
+        grid = patch_grid(image_size, compression.patch_size or self.encoder.patch_size)
+        return grid, compression.num_kept(int(grid[0] * grid[1] * (1 - self.cfg.mask_ratio)))
+
+    def reconstruct(self, images: torch.Tensor, compression: Setting = FULL):
         """Random masking, encoder on the visible patches, decoder on all: (pred, target, mask)."""
-        ids_keep, ids_restore, mask = random_masking(images.shape[0], self.encoder.num_patches, self.num_keep,
-                                                     images.device)
-        latent = self.encoder(images, ids_keep)
-        pred = self.decoder(latent, ids_restore)
-        return pred, patchify(images, self.encoder.patch_size), mask
+        grid, num_keep = self.grid_and_keep(images.shape[-2:], compression)
+        ids_keep, ids_restore, mask = random_masking(images.shape[0], grid[0] * grid[1], num_keep, images.device)
+        latent = self.encoder(images, ids_keep, patch_size=compression.patch_size)
+        pred = self.decoder(latent, ids_restore, grid)
+        p = self.encoder.patch_size
+        if (grid[0] * p, grid[1] * p) != tuple(images.shape[-2:]):
+            images = F.interpolate(images, size=(grid[0] * p, grid[1] * p), mode="bilinear", antialias=True)
+        return pred, patchify(images, p), mask
 
     def forward(self, batch: dict, step: int = 0):
-        pred, target, mask = self.reconstruct(batch["images"])
+        pred, target, mask = self.reconstruct(batch["images"], batch.get("compression", FULL))
         loss = mae_loss(pred, target, mask, self.cfg.norm_pix_loss)
         return loss, {"loss": loss.detach()}
 
@@ -104,9 +120,10 @@ class MAE(nn.Module):
         pasted = unpatchify(target * (1 - m) + pred * m, p)
         return {"reconstruction": torch.cat([images.float(), masked, pasted], dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image (forward x 3): encoder on the kept tokens, decoder on all."""
-        return 3 * (self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops())
+        grid, num_keep = self.grid_and_keep((self.encoder.cfg.img_size,) * 2, compression)
+        return 3 * (self.encoder.forward_flops(num_keep) + self.decoder.forward_flops(grid[0] * grid[1]))
 
-    def tokens_per_image(self) -> int:
-        return self.num_keep
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return self.grid_and_keep((self.encoder.cfg.img_size,) * 2, compression)[1]

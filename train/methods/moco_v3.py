@@ -67,7 +67,7 @@ class MoCoV3(nn.Module):
         """The part the momentum encoder tracks (encoder + projector), grouped on the fly, never registered."""
         return nn.ModuleDict({"encoder": self.encoder, "projector": self.projector})
 
-    def set_run_length(self, total_steps: int, steps_per_epoch: int | None) -> None:
+    def set_total_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         self.total_steps = total_steps
 
     def momentum_at(self, step: int) -> float:

@@ -1,6 +1,7 @@
 """MAE's lightweight decoder: kept tokens + mask tokens in place, fixed sin-cos positions, timm blocks."""
 
 import torch
+from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
@@ -13,6 +14,7 @@ class MAEDecoder(nn.Module):
                  num_heads: int = 16, out_dim: int = 768, mlp_ratio: float = 4.0):
         super().__init__()
         self.dim, self.depth, self.mlp_ratio = dim, depth, mlp_ratio
+        self.grid_size = tuple(grid_size)
         self.num_patches = grid_size[0] * grid_size[1]
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
@@ -23,16 +25,23 @@ class MAEDecoder(nn.Module):
         init_mae_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
-        """latent (B, 1 + K, De) from the encoder -> predictions for all N patches (B, N, out_dim)."""
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None) -> torch.Tensor:
+        """latent (B, 1 + K, De) from the encoder -> predictions for all N patches (B, N, out_dim).
+
+        `grid_size`: the patch grid when it is not the decoder's own (patch scaling); the position
+        embeddings are resampled to it.
+        """
         x = self.embed(latent)
         patches = restore_tokens(x[:, 1:], ids_restore, self.mask_token)
-        x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed.to(x.dtype)
+        pos = self.pos_embed
+        if grid_size is not None and tuple(grid_size) != self.grid_size:
+            pos = resample_abs_pos_embed(pos, list(grid_size), list(self.grid_size), num_prefix_tokens=1)
+        x = torch.cat([x[:, :1], patches], dim=1) + pos.to(x.dtype)
         x = self.norm(self.blocks(x))
         return self.pred(x[:, 1:])
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def forward_flops(self) -> float:
-        return vit_forward_flops(self.num_patches + 1, self.dim, self.depth, self.mlp_ratio)
+    def forward_flops(self, num_patches: int | None = None) -> float:
+        return vit_forward_flops((num_patches or self.num_patches) + 1, self.dim, self.depth, self.mlp_ratio)

@@ -1,14 +1,15 @@
-"""The shared ViT encoder: timm's VisionTransformer, run on any subset of patch tokens of an image of any
-size that is a multiple of the patch size (position embeddings resampled, as DINO's local crops need).
+"""The shared ViT encoder: timm's VisionTransformer, run on any subset of patch tokens and any patch size.
 
 `ViTEncoder.vit` is a plain `timm.models.vision_transformer.VisionTransformer` (no head), so its
-state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads.
+state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads. Other patch sizes
+(patch scaling, FlexiViT-style) resample the base weights on the fly and never change them.
 """
 
 import timm
 import torch
-from timm.layers import build_sincos2d_pos_embed, resample_abs_pos_embed
-from timm.models import checkpoint_seq
+import torch.nn.functional as F
+from timm.layers import PatchEmbedInterpolator, build_sincos2d_pos_embed, resample_abs_pos_embed
+from timm.models import checkpoint, checkpoint_seq
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
@@ -26,6 +27,11 @@ def sincos_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) ->
     if cls_token:
         pos = torch.cat([torch.zeros(1, dim), pos], dim=0)
     return pos.unsqueeze(0)
+
+
+def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
+    """Patches per side when an image of `image_size` (h, w) is cut into `patch_size` patches (rounded, >= 1)."""
+    return tuple(max(1, int(side / patch_size + 0.5)) for side in image_size)
 
 
 def init_mae_weights(module: nn.Module) -> None:
@@ -57,7 +63,6 @@ class ViTEncoder(nn.Module):
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
             drop_path_rate=cfg.drop_path, weight_init="skip",
         )
-        self.vit.patch_embed.strict_img_size = False  # any multiple of the patch size (smaller crops)
         init_mae_weights(self.vit)
         w = self.vit.patch_embed.proj.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -69,10 +74,12 @@ class ViTEncoder(nn.Module):
             nn.init.trunc_normal_(self.vit.pos_embed, std=0.02)
         if cfg.grad_checkpointing:
             self.vit.set_grad_checkpointing(True)
+        # PI-resampling of the patch projection to other patch sizes (caches one matrix per size; no weights)
+        self.patch_interpolator = PatchEmbedInterpolator((cfg.patch_size, cfg.patch_size), in_chans, cfg.embed_dim)
         # forward() reads these outside vit.forward(): tell ZeRO-3 to gather them for this module
         import deepspeed
 
-        for param in (self.vit.cls_token, self.vit.pos_embed):
+        for param in (self.vit.cls_token, self.vit.pos_embed, *self.vit.patch_embed.proj.parameters()):
             deepspeed.zero.register_external_parameter(self, param)
 
     @property
@@ -91,35 +98,61 @@ class ViTEncoder(nn.Module):
     def embed_dim(self) -> int:
         return self.cfg.embed_dim
 
-    def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens with their position embeddings, no class token: (B, N, D).
+    def embed(self, images: torch.Tensor, patch_size: int | None = None) -> torch.Tensor:
+        """Patch tokens with their position embeddings, no class token: (B, N, D), raster order.
 
-        An image of another size than `model.img_size` (a multiple of the patch size) gets the position
-        embeddings resampled to its grid: bicubic without antialiasing, as DINO interpolates for its crops.
+        Any image size and patch size (default: the model's) work: the image is cut into
+        `patch_grid(image size, patch size)` patches (resized to fit if needed), the patch
+        projection is PI-resampled to the patch size (FlexiViT; timm's PatchEmbedInterpolator) and
+        the position embeddings to the grid (timm's resample_abs_pos_embed). At the model's own
+        size both are the stored weights unchanged.
         """
-        x = self.vit.patch_embed(images.to(self.vit.patch_embed.proj.weight.dtype))
-        grid = [images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size]
-        pos = resample_abs_pos_embed(self.vit.pos_embed[:, 1:], grid, list(self.grid_size), num_prefix_tokens=0,
-                                     antialias=False)
-        return x + pos
+        p = patch_size or self.patch_size
+        grid = patch_grid(images.shape[-2:], p)
+        if (grid[0] * p, grid[1] * p) != tuple(images.shape[-2:]):
+            images = F.interpolate(images, size=(grid[0] * p, grid[1] * p), mode="bilinear", antialias=True)
+        proj = self.vit.patch_embed.proj
+        x = self.patch_interpolator(images.to(proj.weight.dtype), proj.weight, proj.bias, (p, p), is_linear=False)
+        x = self.vit.patch_embed.norm(x.flatten(2).transpose(1, 2))
+        return x + self.patch_positions(grid)
+
+    def patch_positions(self, grid: tuple[int, int]) -> torch.Tensor:
+        """Position embeddings of the patch tokens on a `grid` (1, N, D): the stored ones resampled."""
+        if tuple(grid) == self.grid_size:
+            return self.vit.pos_embed[:, 1:]
+        pos = resample_abs_pos_embed(self.vit.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1)
+        return pos[:, 1:]
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
-                attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attn_mask: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
+                extra_ids: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
         """Encode the kept patch tokens (all N when `ids_keep` is None).
 
         Returns (B, 1 + K, D) tokens (class token first) after the final norm, or with `pool`
         ("token": the class token, "avg": mean of the patch tokens) (B, D) features. `attn_mask`
-        is passed to every block (timm semantics). Call the module, not a helper method: ZeRO-3
-        gathers the class token and position embeddings in this module's forward hook.
+        is passed to every block (timm semantics). `extra_tokens` (1 or B, M, D), e.g. mask or
+        query tokens, are appended after the patch tokens, each given the position embedding of
+        patch `extra_ids` (B, M); the output then has 1 + K + M tokens. `patch_size` (default: the
+        model's) cuts the image into that many pixels per patch (see `embed`); `ids_keep` and
+        `extra_ids` index that grid. Call the module, not a helper method: ZeRO-3 gathers the class
+        token, position embeddings and patch projection in this module's forward hook.
         """
-        tokens = self.embed(images)
+        tokens = self.embed(images, patch_size)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
-        x = torch.cat([cls, tokens], dim=1)
+        parts = [cls, tokens]
+        if extra_tokens is not None:
+            grid = patch_grid(images.shape[-2:], patch_size or self.patch_size)
+            positions = gather_tokens(self.patch_positions(grid).expand(tokens.shape[0], -1, -1), extra_ids)
+            parts.append(extra_tokens.to(tokens.dtype) + positions)
+        x = torch.cat(parts, dim=1)
         if attn_mask is not None:
             for block in self.vit.blocks:
-                x = block(x, attn_mask=attn_mask)
+                if self.vit.grad_checkpointing and torch.is_grad_enabled():
+                    x = checkpoint(block, x, attn_mask=attn_mask)
+                else:
+                    x = block(x, attn_mask=attn_mask)
         elif self.vit.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)
         else:
@@ -142,9 +175,15 @@ class ViTEncoder(nn.Module):
         """The timm model name and keyword overrides that build this encoder's architecture."""
         c = self.cfg
         size = TIMM_SIZES.get((c.embed_dim, c.depth, c.num_heads))
-        name = f"vit_{size}_patch{c.patch_size}_{c.img_size}" if size else ""
-        if name and name in timm.list_models(name):
-            return name, {}
-        base = f"vit_{size or 'base'}_patch16_224"
-        return base, {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
-                      "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}
+        if size:
+            name = f"vit_{size}_patch{c.patch_size}_{c.img_size}"
+            if name in timm.list_models(name):
+                return name, {}
+            # e.g. huge/16 or tiny/14: the size's registered 224 model with the patch and image size changed
+            for patch in (c.patch_size, 16, 14):
+                name = f"vit_{size}_patch{patch}_224"
+                if name in timm.list_models(name):
+                    return name, {"img_size": c.img_size, "patch_size": c.patch_size}
+        # not a timm size: timm's base model with every architecture argument given
+        return "vit_base_patch16_224", {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
+                                        "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}

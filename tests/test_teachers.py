@@ -1,0 +1,181 @@
+"""Frozen CLIP teachers from local files, grid alignment, and the k-means of the k-CLIP tokenizer."""
+
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from conftest import TINY_CLIP, timm_to_openai_clip
+from train.config import ConfigError, load_config
+from train.teachers.clip import FrozenTeacher, TeacherConfig, align_to_grid, load_tower
+from train.teachers.kmeans import assign, kmeans
+
+
+def torchscript_archive(state: dict, path) -> None:
+    """Save `state` the way OpenAI's CLIP releases hold their weights: a TorchScript archive."""
+    root = nn.Module()
+    for key, value in state.items():
+        *parents, leaf = key.split(".")
+        module = root
+        for name in parents:
+            if not hasattr(module, name):
+                module.add_module(name, nn.Module())
+            module = getattr(module, name)
+        module.register_parameter(leaf, nn.Parameter(value, requires_grad=False))
+    torch.jit.script(root).save(str(path))
+
+
+@pytest.fixture(scope="module")
+def tower():
+    torch.manual_seed(0)
+    return timm.create_model("vit_base_patch16_clip_224", pretrained=False, **TINY_CLIP).eval()
+
+
+def test_kmeans_recovers_well_separated_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centers = torch.randn(6, 8, generator=gen) * 10
+    labels = torch.arange(6).repeat_interleave(100)
+    x = centers[labels] + 0.1 * torch.randn(600, 8, generator=gen)
+    order = torch.randperm(600, generator=gen)
+    x, labels = x[order], labels[order]
+    centroids, mse = kmeans(x, 6, iters=10, init="kmeans++", seed=0)
+    found = assign(x, centroids)
+    # one code per true cluster and one true cluster per code
+    pairs = {(int(t), int(f)) for t, f in zip(labels, found)}
+    assert len(pairs) == 6 and len({t for t, _ in pairs}) == 6 and len({f for _, f in pairs}) == 6
+    for true, code in pairs:
+        assert torch.allclose(centroids[code], x[labels == true].mean(0), atol=1e-4)
+        assert (centroids[code] - centers[true]).norm() < 0.1
+    assert mse == pytest.approx(0.01 * 8, rel=0.2)  # the noise variance per point
+
+
+def test_empty_clusters_are_reseeded():
+    # four distinct points, 50 copies each: a random init nearly always draws a point twice, leaving a
+    # cluster empty after the first assignment; re-seeding it must still find all four
+    points = torch.tensor([[0.0, 0.0], [5.0, 0.0], [0.0, 5.0], [5.0, 5.0]])
+    x = points.repeat_interleave(50, dim=0)
+    for seed in range(5):
+        centroids, mse = kmeans(x, 4, iters=5, init="random", seed=seed)
+        assert mse == 0.0
+        assert sorted(map(tuple, centroids.tolist())) == sorted(map(tuple, points.tolist()))
+
+
+def test_assign_is_nearest_centroid():
+    gen = torch.Generator().manual_seed(1)
+    x, centroids = torch.randn(2, 500, 16, generator=gen), torch.randn(37, 16, generator=gen)
+    ids = assign(x, centroids, chunk=64)
+    assert ids.shape == (2, 500) and ids.dtype == torch.long
+    assert torch.equal(ids, torch.cdist(x, centroids[None].expand(2, -1, -1)).argmin(-1))
+
+
+@pytest.mark.parametrize("fmt", ["openai", "openai_torchscript", "timm", "timm_safetensors"])
+def test_teacher_loads_clip_and_timm_checkpoints(tower, tmp_path, fmt):
+    state = tower.state_dict()
+    path = tmp_path / {"openai": "clip.bin", "openai_torchscript": "ViT-tiny.pt", "timm": "tower.pth",
+                       "timm_safetensors": "tower.safetensors"}[fmt]
+    if fmt == "openai":
+        torch.save({"state_dict": timm_to_openai_clip(state)}, path)
+    elif fmt == "openai_torchscript":
+        torchscript_archive(timm_to_openai_clip(state), path)
+    elif fmt == "timm":
+        torch.save({"module." + k: v for k, v in state.items()}, path)
+    else:
+        save_file(state, str(path))
+    loaded = load_tower(TeacherConfig(path=str(path), num_heads=2))
+    assert not any(p.requires_grad for p in loaded.parameters()) and not loaded.training
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(loaded.forward_features(images), tower.forward_features(images), atol=1e-5)
+        assert torch.allclose(loaded(images), tower(images), atol=1e-5)
+
+
+def test_teacher_errors_name_the_config_key(clip_teacher, tmp_path):
+    with pytest.raises(ConfigError, match=r"^method.teacher.path: teacher weights not found: /no/clip.bin$"):
+        load_config(None, ["method.name=digpt", "train.steps=1", "method.teacher.path=/no/clip.bin"])
+    with pytest.raises(ConfigError, match=r"^method.teacher.path is empty"):
+        load_config(None, ["method.name=mapet", "train.steps=1"])
+    with pytest.raises(ConfigError, match=r"method.teacher.model: unknown timm architecture 'vit_clip'"):
+        TeacherConfig(path=str(clip_teacher), model="vit_clip").validate()
+    # weights of a CLIP tower (pre-norm) into a plain ViT, or a head count that does not divide the width
+    with pytest.raises(ConfigError, match=r"does not fit architecture vit_base_patch16_224.*norm_pre"):
+        load_tower(TeacherConfig(path=str(clip_teacher), model="vit_base_patch16_224", num_heads=2))
+    with pytest.raises(ConfigError, match=r"does not fit architecture vit_base_patch16_clip_224 .*num_heads"):
+        load_tower(TeacherConfig(path=str(clip_teacher), num_heads=5))
+    garbage = tmp_path / "notes.pt"
+    garbage.write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"method.teacher.path: cannot read .*notes.pt"):
+        load_tower(TeacherConfig(path=str(garbage), num_heads=2))
+
+
+def test_frozen_teacher_renormalises_projects_and_aligns(clip_teacher):
+    data_mean, data_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    cfg = TeacherConfig(path=str(clip_teacher), num_heads=2)
+    teacher = FrozenTeacher(cfg, (4, 4), data_mean, data_std)
+    tower = load_tower(cfg)
+    assert teacher.out_dim == 24
+    images = torch.randn(2, 3, 16, 16)
+    cls, patches = teacher(images)
+    # by hand: undo the data normalisation, apply CLIP's, run the tower, project every token
+    raw = images * torch.tensor(data_std).view(3, 1, 1) + torch.tensor(data_mean).view(3, 1, 1)
+    clip_input = (raw - torch.tensor(cfg.mean).view(3, 1, 1)) / torch.tensor(cfg.std).view(3, 1, 1)
+    with torch.no_grad():
+        tokens = tower.head(tower.forward_features(clip_input))
+    assert cls.shape == (2, 24) and patches.shape == (2, 16, 24)
+    assert torch.allclose(cls, tokens[:, 0], atol=1e-5) and torch.allclose(patches, tokens[:, 1:], atol=1e-5)
+    # the tower at 32 px (8x8 grid, position embeddings resampled) onto a 4x4 student grid
+    big = FrozenTeacher(TeacherConfig(path=str(clip_teacher), num_heads=2, img_size=32, project=False), (4, 4),
+                        data_mean, data_std)
+    assert big.out_dim == 32 and big.model.patch_embed.grid_size == (8, 8)
+    assert big(images)[1].shape == (2, 16, 32)
+
+
+def test_align_to_grid_resamples_at_patch_centres():
+    # a 16x16 teacher grid whose features are the (row, column) coordinates onto a 14x14 student grid: bilinear
+    # resampling of a linear map is exact, each student patch centre i falls at (i + 0.5) * 16 / 14 - 0.5
+    rows, cols = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    teacher = torch.stack([rows, cols], dim=-1).view(1, 256, 2)
+    student = align_to_grid(teacher, (16, 16), (14, 14)).view(14, 14, 2)
+    centres = (torch.arange(14.0) + 0.5) * 16 / 14 - 0.5
+    assert torch.allclose(student[..., 0], centres[:, None].expand(14, 14), atol=1e-5)
+    assert torch.allclose(student[..., 1], centres[None, :].expand(14, 14), atol=1e-5)
+    assert align_to_grid(teacher, (16, 16), (16, 16)) is teacher
+
+
+@pytest.mark.parametrize("stage", [1, 3])
+def test_a_pretrained_encoder_exported_as_a_teacher(make_cfg, tmp_path, stage):
+    from test_engine import fully_partitioned_zero3
+
+    from train.engine import train
+    from train.models.ema import gathered
+    from train.teachers.export import export_encoder
+
+    ds = fully_partitioned_zero3(tmp_path) if stage == 3 else "ds_configs/zero1.json"
+    cfg = make_cfg("train.steps=2", f"train.deepspeed={ds}", name=f"mae_z{stage}")
+    encoder = train(cfg).engine.module.encoder
+    meta = export_encoder(cfg.output_dir, tmp_path / "teacher.pth")
+    assert meta["model"]["num_heads"] == 2
+    teacher = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224",
+                                       num_heads=2))
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), gathered(list(encoder.parameters())):
+        assert torch.allclose(teacher.forward_features(images), encoder.eval()(images), atol=1e-5)
+
+
+@pytest.mark.parametrize("config", ["mapet_demo", "mapet_vit_b", "mapet_vit_l", "digpt_demo", "digpt_vit_b",
+                                    "digpt_vit_l"])
+def test_shipped_configs_are_valid(config, clip_teacher):
+    from conftest import REPO
+
+    cfg = load_config(REPO / "train" / "configs" / f"{config}.yaml", [f"method.teacher.path={clip_teacher}"])
+    assert cfg.method.name == config.split("_")[0] and cfg.run.name == config
+
+
+def test_supervised_demo_teacher_learns_and_loads(make_cfg, tmp_path):
+    from train.teachers.supervised import train_teacher
+
+    cfg = make_cfg("train.steps=1", "data.batch_size=32", "run.log_every=100")
+    accuracy = train_teacher(cfg, str(tmp_path / "teacher.pth"), steps=80, lr=3e-3)
+    assert accuracy > 30.0  # ten digit classes: chance is 10%
+    tower = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224", num_heads=2))
+    assert tower.embed_dim == 32 and len(tower.blocks) == 2

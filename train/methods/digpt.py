@@ -1,0 +1,201 @@
+"""D-iGPT (Ren et al., 2024): autoregressive prediction of a frozen CLIP teacher's features.
+
+As the official code (OliverRensu/D-iGPT): the patch grid is cut into `segments` x `segments`
+square segments (2 x 2 segments of 7 x 7 on a 14 x 14 grid), put in a random order per image
+(or raster order); the encoder reads all segments but the last, block-causally (a patch sees its
+own segment and the earlier ones; the class token sees everything and no patch sees it). Two light
+decoders with the same block-causal mask predict, from the segments up to each one, the teacher's
+features of the NEXT segment and of the CURRENT (visible) segment, plus the teacher's class token
+from everything; loss = 2 - 2 cos on L2-normalised features, next + visible.
+
+Simplification of the official design, kept causal and testable: the decoders read the encoder's
+final tokens (not blocks 6/8/10/12 through per-layer projections) and are MAE-style decoders
+(encoder tokens + one query per target, a learned token plus sin-cos position, in one sequence of
+timm blocks under a mask) instead of cross-attention blocks; teacher features are resampled to the
+student's grid instead of upsampling predictions to the teacher's.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from train.config import Config, ConfigError
+from train.models.masking import gather_tokens
+from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed, vit_forward_flops
+from train.teachers.clip import FrozenTeacher, TeacherConfig
+
+ORDERS = ("random", "raster")
+LOSSES = ("cosine", "smooth_l1")
+
+
+@dataclass
+class DiGPTConfig:
+    name: str = "digpt"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    segments: int = 2  # segments per side of the patch grid (D-iGPT: 2, i.e. four 7x7 segments of 14x14)
+    order: str = "random"  # segment order per image: "random" (D-iGPT) or "raster"
+    loss: str = "cosine"  # "cosine": 2 - 2 cos (D-iGPT) or "smooth_l1" against layer-normalised teacher features
+    decoder_dim: int = 1024  # D-iGPT ViT-B: 1024 wide, 2 deep, 32 heads
+    decoder_depth: int = 2
+    decoder_heads: int = 32
+
+    def validate(self, cfg: Config) -> None:
+        self.teacher.validate()
+        grid = cfg.model.img_size // cfg.model.patch_size
+        if self.segments < 2 or grid % self.segments:
+            raise ConfigError(f"method.segments={self.segments} must be >= 2 and divide the {grid}x{grid} patch grid")
+        if self.order not in ORDERS:
+            raise ConfigError(f"method.order={self.order!r}: choose one of {ORDERS}")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"method.loss={self.loss!r}: choose one of {LOSSES}")
+        if self.decoder_dim % self.decoder_heads or self.decoder_dim % 4:
+            raise ConfigError(f"method.decoder_dim={self.decoder_dim} must be divisible by method.decoder_heads="
+                              f"{self.decoder_heads} and by 4 (sin-cos positions)")
+
+
+def segment_patches(grid: int, segments: int) -> torch.Tensor:
+    """(segments**2, side**2) raster patch indices of each square segment, segments in raster order."""
+    side = grid // segments
+    index = torch.arange(grid * grid).view(segments, side, segments, side)
+    return index.permute(0, 2, 1, 3).reshape(segments * segments, side * side)
+
+
+def context_mask(row_context: torch.Tensor, col_context: torch.Tensor) -> torch.Tensor:
+    """True where a key's context (the last segment it needs) is at most the query's: block-causal attention."""
+    return col_context[None, :] <= row_context[:, None]
+
+
+def causal_masks(num_input_segments: int, segment_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Encoder mask over [class token, input patches] and decoder mask over [those, queries, class query].
+
+    Patches and queries of input segment j have context j; the class token and the class query have
+    context "all" (no patch or patch query sees them). Encoder tokens never see decoder queries.
+    """
+    everything = torch.tensor([num_input_segments])
+    segment_of = torch.arange(num_input_segments).repeat_interleave(segment_len)
+    latent = torch.cat([everything, segment_of])
+    queries = torch.cat([segment_of, everything])
+    encoder = context_mask(latent, latent)
+    top = torch.cat([encoder, torch.zeros(len(latent), len(queries), dtype=torch.bool)], dim=1)
+    bottom = torch.cat([context_mask(queries, latent), context_mask(queries, queries)], dim=1)
+    return encoder, torch.cat([top, bottom], dim=0)
+
+
+def digpt_targets(teacher_cls: torch.Tensor, teacher_patches: torch.Tensor, order: torch.Tensor,
+                  segment_len: int, num_input: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher features the decoders' queries are matched with: NEXT (the patches one segment after each
+    input patch's, in order) and VISIBLE (the input patches themselves), each followed by the class token."""
+    cls = teacher_cls[:, None]
+    upcoming = gather_tokens(teacher_patches, order[:, segment_len:segment_len + num_input])
+    visible = gather_tokens(teacher_patches, order[:, :num_input])
+    return torch.cat([upcoming, cls], dim=1), torch.cat([visible, cls], dim=1)
+
+
+def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, mean cosine similarity) of predicted vs teacher features (B, T, C), in float32.
+
+    "cosine": 2 - 2 cos of the L2-normalised pair, averaged over tokens (D-iGPT, BYOL);
+    "smooth_l1": smooth-L1 against the teacher features layer-normalised per token.
+    """
+    pred, target = pred.float(), target.float()
+    cosine = F.cosine_similarity(pred, target, dim=-1).mean()
+    if kind == "cosine":
+        return 2 - 2 * cosine, cosine
+    return F.smooth_l1_loss(pred, F.layer_norm(target, target.shape[-1:])), cosine
+
+
+class FeaturePredictor(nn.Module):
+    """Light decoder: encoder tokens + one query per target (a learned token + the target's sin-cos
+    position; the class query last) through timm blocks under a mask -> teacher-sized features."""
+
+    def __init__(self, grid: tuple[int, int], encoder_dim: int, dim: int, depth: int, num_heads: int, out_dim: int):
+        super().__init__()
+        self.dim, self.depth = dim, depth
+        self.embed = nn.Linear(encoder_dim, dim)
+        self.query = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
+        self.blocks = nn.ModuleList([Block(dim, num_heads, 4.0, qkv_bias=True) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+        init_mae_weights(self)
+        nn.init.normal_(self.query, std=0.02)
+
+    def forward(self, latent: torch.Tensor, target_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        """latent (B, 1 + L, De), target_ids (B, Q) patch indices -> predictions (B, Q + 1, out_dim)."""
+        x = self.embed(latent)
+        positions = gather_tokens(self.pos_embed[:, 1:].expand(x.shape[0], -1, -1), target_ids)
+        queries = torch.cat([self.query + positions, (self.query + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)],
+                            dim=1)
+        x = torch.cat([x, queries.to(x.dtype)], dim=1)
+        for block in self.blocks:
+            x = block(x, attn_mask=attn_mask)
+        return self.pred(self.norm(x[:, latent.shape[1]:]))
+
+    def no_weight_decay(self) -> set[str]:
+        return {"query"}
+
+    def forward_flops(self, tokens: int) -> float:
+        return vit_forward_flops(tokens, self.dim, self.depth)
+
+
+class DiGPT(nn.Module):
+    Config = DiGPTConfig
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = cfg.method
+        self.cfg = m
+        self.encoder = ViTEncoder(cfg.model)
+        grid = self.encoder.grid_size
+        self.register_buffer("segments", segment_patches(grid[0], m.segments), persistent=False)
+        self.segment_len = self.segments.shape[1]
+        self.num_input = (self.segments.shape[0] - 1) * self.segment_len  # the last segment is only a target
+        encoder_mask, decoder_mask = causal_masks(self.segments.shape[0] - 1, self.segment_len)
+        self.register_buffer("encoder_mask", encoder_mask, persistent=False)
+        self.register_buffer("decoder_mask", decoder_mask, persistent=False)
+        # the frozen teacher is a plain attribute: DeepSpeed never casts, partitions, optimizes or saves it
+        self.teacher = FrozenTeacher(m.teacher, grid, cfg.data.mean, cfg.data.std)
+        args = (grid, cfg.model.embed_dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, self.teacher.out_dim)
+        self.next_decoder = FeaturePredictor(*args)
+        self.visible_decoder = FeaturePredictor(*args)
+
+    def patch_order(self, batch: int, device: torch.device) -> torch.Tensor:
+        """(B, N) patch indices, segment by segment: segments in a random order per image, or raster."""
+        segments = self.segments.to(device)
+        if self.cfg.order == "raster":
+            return segments.flatten().expand(batch, -1)
+        perm = torch.argsort(torch.rand(batch, len(segments), device=device), dim=1)
+        return segments[perm].flatten(1)
+
+    def predict(self, images: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(next, visible) feature predictions (B, num_input + 1, C) for the targets of `digpt_targets`."""
+        latent = self.encoder(images, ids_keep=order[:, :self.num_input], attn_mask=self.encoder_mask)
+        upcoming = order[:, self.segment_len:self.segment_len + self.num_input]
+        return (self.next_decoder(latent, upcoming, self.decoder_mask),
+                self.visible_decoder(latent, order[:, :self.num_input], self.decoder_mask))
+
+    def forward(self, batch: dict, step: int = 0):
+        images = batch["images"]
+        teacher_cls, teacher_patches = self.teacher(images)
+        order = self.patch_order(images.shape[0], images.device)
+        pred_next, pred_visible = self.predict(images, order)
+        target_next, target_visible = digpt_targets(teacher_cls, teacher_patches, order, self.segment_len,
+                                                    self.num_input)
+        loss_next, cos_next = feature_loss(pred_next, target_next, self.cfg.loss)
+        loss_visible, cos_visible = feature_loss(pred_visible, target_visible, self.cfg.loss)
+        loss = loss_next + loss_visible
+        return loss, {"loss": loss.detach(), "loss_next": loss_next.detach(), "loss_visible": loss_visible.detach(),
+                      "cos_next": cos_next.detach(), "cos_visible": cos_visible.detach()}
+
+    def tokens_per_image(self) -> int:
+        return self.num_input
+
+    def flops_per_image(self) -> float:
+        """Training FLOPs per image: encoder and both decoders x 3, plus the teacher's forward."""
+        decoder_tokens = 2 + 2 * self.num_input
+        student = (self.encoder.forward_flops(self.num_input) + self.next_decoder.forward_flops(decoder_tokens)
+                   + self.visible_decoder.forward_flops(decoder_tokens))
+        return 3 * student + self.teacher.forward_flops()

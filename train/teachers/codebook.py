@@ -1,0 +1,148 @@
+"""The k-CLIP tokenizer (MaPeT): teacher patch features quantised by a k-means codebook.
+
+Fit the codebook once per teacher and student grid, from the same run config that trains with it:
+
+    python -m train.teachers.codebook --config train/configs/mapet_vit_b.yaml [section.key=value ...]
+
+It streams every `data.train` image once (eval view: resize + centre crop), runs the frozen
+teacher (`method.teacher`), keeps a random subset of the patch features on the student's grid
+(`--max-patches`, 256 per code by default, as faiss), fits `method.num_codes` centroids with
+torch k-means on the GPU when there is one (`train.teachers.kmeans`) and writes `method.codebook`.
+During training `KCLIPTokenizer` maps the teacher's features to code ids on the fly.
+"""
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from data_pipeline.augment import EvalView
+from data_pipeline.stream import EvalStream, resolve_shards, to_device
+from train.config import Config, ConfigError, load_config
+from train.teachers.clip import FrozenTeacher, TeacherConfig
+from train.teachers.kmeans import assign, kmeans
+
+log = logging.getLogger("train")
+FEATURE_SPACE = ("model", "img_size", "project")  # teacher settings that change what a code means
+
+
+def load_codebook(path: str, num_codes: int, teacher: TeacherConfig, feature_dim: int,
+                  key: str = "method.codebook") -> torch.Tensor:
+    """The (num_codes, C) centroids saved at `path`, checked against the run's code count and teacher."""
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"{key}: k-CLIP codebook not found: {path or '(empty)'}; fit it with "
+                          "`python -m train.teachers.codebook --config <this run's config>`")
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    centroids = saved["centroids"]
+    fit_on = {k: saved["teacher"][k] for k in FEATURE_SPACE}
+    ours = {k: getattr(teacher, k) for k in FEATURE_SPACE}
+    if fit_on != ours:
+        raise ConfigError(f"{key}: {path} was fit on the features of teacher {fit_on}, this run's is {ours}")
+    if centroids.shape[0] != num_codes:
+        raise ConfigError(f"{key}: {path} has {centroids.shape[0]} codes, method.num_codes is {num_codes}")
+    if centroids.shape[1] != feature_dim:
+        raise ConfigError(f"{key}: {path} was fit on {centroids.shape[1]}-d features, this teacher gives "
+                          f"{feature_dim}-d ones (another method.teacher?)")
+    return centroids.float()
+
+
+class KCLIPTokenizer:
+    """Teacher + codebook, outside the module tree: `tokenizer(images)` -> code ids (B, N) on the student grid."""
+
+    def __init__(self, teacher: FrozenTeacher, centroids: torch.Tensor):
+        self.teacher, self.centroids = teacher, centroids
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        if self.centroids.device != images.device:
+            self.centroids = self.centroids.to(images.device)
+        _, patches = self.teacher(images)
+        return assign(patches, self.centroids)
+
+
+def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, device: torch.device,
+                     batch_size: int = 256, workers: int = 4, seed: int = 0) -> torch.Tensor:
+    """A uniform random subset (about `max_patches`) of the teacher's patch features over `data.train`."""
+    shards = resolve_shards(cfg.data.train)
+    per_image = teacher.grid[0] * teacher.grid[1]
+    keep = min(1.0, max_patches / (shards.num_samples * per_image)) if shards.num_samples else 1.0
+    stream = EvalStream(shards.urls, EvalView(cfg.model.img_size), batch_size)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    feats, count = [], 0
+    for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+        images = to_device(batch, device, cfg.data.mean, cfg.data.std)["images"]
+        patches = teacher(images)[1].flatten(0, 1)
+        patches = patches[torch.rand(len(patches), generator=gen, device=device) < keep]
+        feats.append(patches[:max_patches - count])
+        count += len(feats[-1])
+        if count >= max_patches:
+            break
+    if stream.skipped.count:
+        log.warning("skipped %d unreadable samples", stream.skipped.count)
+    return torch.cat(feats)
+
+
+def fit_codebook(cfg: Config, out: str, max_patches: int, iters: int = 20, init: str = "kmeans++", seed: int = 0,
+                 batch_size: int = 256, workers: int = 4) -> dict:
+    """Fit and save the k-CLIP codebook of the run `cfg`; returns what was saved besides the centroids."""
+    m = cfg.method
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    grid = (cfg.model.img_size // cfg.model.patch_size,) * 2
+    teacher = FrozenTeacher(m.teacher, grid, cfg.data.mean, cfg.data.std)
+    start = time.perf_counter()
+    feats = collect_features(cfg, teacher, max_patches, device, batch_size, workers, seed)
+    log.info("collected %d patch features (%d-d) in %.0f s; k-means with %d codes on %s", len(feats),
+             feats.shape[1], time.perf_counter() - start, m.num_codes, device)
+    start = time.perf_counter()
+    centroids, mse = kmeans(feats, m.num_codes, iters=iters, init=init, seed=seed)
+    usage = torch.bincount(assign(feats, centroids), minlength=m.num_codes)
+    meta = {"teacher": asdict(m.teacher), "grid": list(grid), "num_patches": len(feats), "iters": iters,
+            "init": init, "mse": mse, "codes_used": int((usage > 0).sum())}
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"centroids": centroids.cpu(), **meta}, out)
+    log.info("k-means in %.0f s: mse %.4g, %d of %d codes used; codebook written to %s",
+             time.perf_counter() - start, mse, meta["codes_used"], m.num_codes, out)
+    return meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m train.teachers.codebook", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", help="the run config (method.teacher, method.num_codes, data.train)")
+    parser.add_argument("--out", default="", help="where to write the codebook (default: method.codebook)")
+    parser.add_argument("--max-patches", type=int, default=0, help="patch features to fit on (0: 256 per code)")
+    parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations (20, as MaPeT's faiss k-means)")
+    parser.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.train=/data/train.json")
+    args = parser.parse_intermixed_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if not hasattr(cfg.method, "num_codes"):
+            raise ConfigError(f"method.name={cfg.method.name!r} has no k-CLIP codebook (use a mapet config)")
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    from train.distributed import WorldInfo
+    from train.engine import prepare_data
+
+    cfg = prepare_data(cfg, WorldInfo(rank=0, local_rank=0, world_size=1))  # the digits demo when data.train is ""
+    out = args.out or cfg.method.codebook
+    if not out:
+        print("config error: set method.codebook or --out", file=sys.stderr)
+        return 2
+    fit_codebook(cfg, out, args.max_patches or 256 * cfg.method.num_codes, args.iters, args.init, args.seed,
+                 args.batch_size, args.workers)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
