@@ -58,3 +58,14 @@ def test_compressed_dino_run_logs_setting_and_gradient_error(make_cfg):
     rows = read_metrics(cfg.output_dir)
     assert [rows[s]["compression/keep_ratio"] for s in (1, 2)] == pytest.approx([0.5, 1.0])
     assert -1.0 <= rows[1]["compression/grad_cosine"] < 1.0 and rows[1]["compression/grad_rel_error"] > 0
+
+
+@pytest.mark.parametrize("name", ["moco_v3_vit_b", "dino_vit_b", "simclr_vit_b", "dino_demo"])
+def test_shipped_compression_schedules_stack_on_the_recipes(name):
+    from conftest import REPO
+    from train.config import load_config
+
+    configs = REPO / "train" / "configs"
+    method = name.split("_vit")[0].removesuffix("_demo")
+    cfg = load_config([configs / f"{name}.yaml", configs / "compression" / f"{method}.yaml"], world_size=8)
+    assert cfg.compression.keep_ratio.start < 1 and cfg.compression.patch_scale.start > 1
