@@ -10,6 +10,8 @@ import logging
 import math
 import signal
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +20,15 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
-from data_pipeline.stream import StreamLoader, resolve_shards
+from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule, GradientDiagnostic, step_seed
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
 from train.monitor import Monitor, gpu_peak_flops
-from train.optim import lr_at, make_optimizer, param_groups, set_lr
+from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
+from train.speed import compile_blocks, enable_fast_kernels
 
 log = logging.getLogger("train")
 
@@ -91,13 +94,16 @@ def prepare_data(cfg: Config, world: WorldInfo) -> Config:
     return cfg
 
 
-def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps) from epochs or steps."""
+def steps_per_epoch_for(cfg: Config, num_samples: int | None) -> int | None:
+    """Optimizer steps per pass over `data.train` (None when its sample count is unknown)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     batch = cfg.train.global_batch_size or cfg.data.batch_size * world
-    steps_per_epoch = None
-    if num_samples:
-        steps_per_epoch = max(1, num_samples // batch)
+    return max(1, num_samples // batch) if num_samples else None
+
+
+def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) from epochs or steps."""
+    steps_per_epoch = steps_per_epoch_for(cfg, num_samples)
     if cfg.train.steps:
         total = cfg.train.steps
     elif steps_per_epoch is None:
@@ -110,6 +116,26 @@ def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
             raise ConfigError("optim.warmup_epochs needs the sample count; use optim.warmup_steps")
         warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     return total, min(warmup, total)
+
+
+def build_engine(cfg: Config, world_size: int):
+    """The method, its optimizer and the DeepSpeed engine around them, as every run (and the benchmark) builds them.
+
+    Returns (engine, optimizer, ds_config, peak_lr).
+    """
+    import deepspeed
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg)
+    if cfg.train.compile:
+        compile_blocks(method, cfg.train.compile)
+    ds_config = deepspeed_config(cfg, world_size)
+    peak_lr = cfg.optim.base_lr * ds_config["train_batch_size"] / 256
+    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay), peak_lr,
+                               cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config), name=cfg.optim.optimizer,
+                               momentum=cfg.optim.momentum)
+    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, ds_config, peak_lr
 
 
 class StopFlag:
@@ -140,32 +166,32 @@ class StopFlag:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def train(cfg: Config) -> RunResult:
-    """Run (or resume) pretraining as configured; every rank calls this."""
-    import deepspeed
+def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None) -> RunResult:
+    """Run (or resume) pretraining as configured; every rank calls this.
 
+    `evaluate(module, step)`, if given, runs on every rank after each checkpoint (not after a
+    preemption stop); the scalars it returns go to TensorBoard and metrics.jsonl.
+    """
     world = init_distributed()
     device = device_for(world)
+    if device.type == "cuda":
+        enable_fast_kernels()
     out = cfg.output_dir
     ckpt_dir = out / "checkpoints"
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     cfg = prepare_data(cfg, world)
     shards = resolve_shards(cfg.data.train)
-    total_steps, warmup_steps = total_steps_for(cfg, cfg.data.num_samples or shards.num_samples)
+    num_samples = cfg.data.num_samples or shards.num_samples
+    total_steps, warmup_steps = total_steps_for(cfg, num_samples)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    method = build_method(cfg)
-    ds_config = deepspeed_config(cfg, world.world_size)
+    engine, optimizer, ds_config, peak_lr = build_engine(cfg, world.world_size)
+    method = engine.module
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
-    peak_lr = cfg.optim.base_lr * global_batch / 256
-    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), peak_lr, cfg.optim.betas,
-                               cpu_offload=offloads_optimizer(ds_config))
-    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
 
     step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
-    data_state = None
+    data_state, aux_state = None, {}
     if resume:
         resume_dir, tag = resume
         meta = checkpoint.read_meta(resume_dir, tag)
@@ -178,6 +204,7 @@ def train(cfg: Config) -> RunResult:
         if rank_state is not None:
             checkpoint.set_rng_state(rank_state["rng"])
             data_state = rank_state["data"]
+            aux_state = rank_state.get("aux_data", {})
         log.info("resumed from %s at step %d", resume_dir / tag, step)
     else:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
@@ -187,33 +214,49 @@ def train(cfg: Config) -> RunResult:
         rank=world.rank, world_size=world.world_size, seed=cfg.run.seed, resampled=cfg.data.resampled,
         shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
         state=data_state, device=device, mean=cfg.data.mean, std=cfg.data.std)
+    module = engine.module
+    # streams a method reads besides the training batches (e.g. labelled splits for its aux_step)
+    aux_loaders = {
+        name: StreamLoader(
+            urls, build_views(cfg.data, cfg.model.img_size, device), batch_size, rank=world.rank,
+            world_size=world.world_size, seed=mix_seed(cfg.run.seed, zlib.crc32(name.encode())), resampled=True,
+            shuffle_buffer=cfg.data.shuffle_buffer, workers=cfg.data.workers, pin_memory=device.type == "cuda",
+            state=aux_state.get(name), device=device, mean=cfg.data.mean, std=cfg.data.std)
+        for name, (urls, batch_size) in getattr(module, "aux_streams", dict)().items()}
+    aux_every = getattr(module, "aux_every", 1)
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
-        n_params = sum(p.numel() for p in method.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in method.parameters())  # ZeRO-3: full size
         log.info("method %s, %.1fM parameters, %d steps (%d warmup), global batch %d = %d per rank x %d ranks x %d "
                  "accumulation, precision %s, %s", cfg.method.name, n_params / 1e6, total_steps, warmup_steps,
                  global_batch, cfg.data.batch_size, world.world_size, accum,
                  "bf16" if use_bf16(cfg) else "fp32", Path(cfg.train.deepspeed).name)
         log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, global_batch, peak_lr)
     monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
-    module = engine.module
     # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
     compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
     diagnostic = GradientDiagnostic(cfg, device, use_bf16(cfg)) if cfg.compression.diagnose_every else None
+    if hasattr(module, "set_total_steps"):  # methods with schedules over training progress (steps or epochs)
+        module.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     stop = StopFlag()
     peak_flops = gpu_peak_flops()
     flops_per_image = getattr(module, "flops_per_image", lambda: None)()
     tokens_per_image = getattr(module, "tokens_per_image", lambda: None)()
     last_tag, stopped = None, False
     sums: dict[str, torch.Tensor] = {}
-    wait, t_log, steps_since = 0.0, time.perf_counter(), 0
+    counts: dict[str, int] = {}
+    wait, aux_time, t_log, steps_since = 0.0, 0.0, time.perf_counter(), 0
     batch = None
     data = iter(loader)
+    aux_data = {name: iter(aux) for name, aux in aux_loaders.items()}
     try:
         while step < total_steps:
             lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
             set_lr(optimizer, lr)
+            if cfg.optim.weight_decay_end >= 0:
+                wd = weight_decay_at(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
+                set_weight_decay(optimizer, wd)
             for micro in range(accum):
                 t0 = time.perf_counter()
                 batch = next(data)  # on the device, normalised
@@ -223,12 +266,20 @@ def train(cfg: Config) -> RunResult:
                 loss, report = engine(batch, step)
                 engine.backward(loss)
                 engine.step()
-                for key, value in report.items():
-                    sums[key] = sums.get(key, 0) + value.detach().float() / accum
+                add_report(sums, counts, report)
             step += 1
             steps_since += 1
             if hasattr(module, "on_step_end"):
                 module.on_step_end(step)
+            if aux_data and step % aux_every == 0:
+                t0 = time.perf_counter()
+                aux_batches = {name: next(it) for name, it in aux_data.items()}  # on the device, normalised
+                wait += time.perf_counter() - t0
+                synchronize(device)  # time the aux step alone (a negligible stall once per step)
+                t0 = time.perf_counter()
+                add_report(sums, counts, module.aux_step(aux_batches, step, lr / peak_lr))
+                synchronize(device)
+                aux_time += time.perf_counter() - t0
             diagnosed = {}
             if diagnostic and step % cfg.compression.diagnose_every == 0 and not batch["compression"].is_full:
                 # every rank takes part (gradients are averaged over ranks); not counted in img/s
@@ -238,13 +289,15 @@ def train(cfg: Config) -> RunResult:
             stopped = stop.agreed()
             save_now = stopped or step % cfg.run.ckpt_every == 0 or step == total_steps
             if save_now or step % cfg.run.log_every == 0:
-                values = reduce_report(sums, steps_since)
+                values = reduce_report(sums, counts)
                 if not all(math.isfinite(v) for v in values.values()):
                     raise FloatingPointError(
                         f"non-finite loss at step {step} ({values}); the last good checkpoint is {last_tag} in "
                         f"{ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or check the data.")
                 elapsed = time.perf_counter() - t_log
                 values["train/lr"] = lr
+                if cfg.optim.weight_decay_end >= 0:
+                    values["train/weight_decay"] = wd
                 if compression.active:  # throughput counts the tokens and FLOPs of this step's setting
                     setting = batch["compression"]
                     values.update(compression.describe(setting))
@@ -262,18 +315,24 @@ def train(cfg: Config) -> RunResult:
                 if device.type == "cuda":
                     values["perf/max_mem_gb"] = torch.cuda.max_memory_allocated() / 2**30
                 values["data/wait_fraction"] = wait / elapsed
+                if aux_data:
+                    values["perf/aux_fraction"] = aux_time / elapsed
                 values["data/skipped"] = float(loader.skipped)
                 values["data/samples_seen"] = float(loader.samples_seen)
                 monitor.scalars(step, {**values, **diagnosed})
-                sums, wait, t_log, steps_since = {}, 0.0, time.perf_counter(), 0
+                sums, counts, wait, aux_time, t_log, steps_since = {}, {}, 0.0, 0.0, time.perf_counter(), 0
             elif diagnosed:
                 monitor.scalars(step, diagnosed, console=False)
             if cfg.run.image_every and step % cfg.run.image_every == 0 and hasattr(module, "visualize"):
                 monitor.images(step, module.visualize(batch))
             if save_now:
                 meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
-                rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict()}
+                rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(),
+                              "aux_data": {name: aux.state_dict() for name, aux in aux_loaders.items()}}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
+                if evaluate is not None and not stopped:
+                    monitor.scalars(step, evaluate(module, step), console=False)
+                    t_log = time.perf_counter()  # evaluation time is not training throughput
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
                 break
@@ -285,12 +344,23 @@ def train(cfg: Config) -> RunResult:
     return RunResult(step, stopped, out, last_tag, engine)
 
 
-def reduce_report(sums: dict[str, torch.Tensor], steps: int) -> dict[str, float]:
-    """Mean of each reported value over the steps since the last log and over ranks (one host sync)."""
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def add_report(sums: dict[str, torch.Tensor], counts: dict[str, int], report: dict[str, torch.Tensor]) -> None:
+    for key, value in report.items():
+        sums[key] = sums.get(key, 0) + value.detach().float()
+        counts[key] = counts.get(key, 0) + 1
+
+
+def reduce_report(sums: dict[str, torch.Tensor], counts: dict[str, int]) -> dict[str, float]:
+    """Mean of each reported value over its reports since the last log and over ranks (one host sync)."""
     if not sums:
         return {}
     keys = sorted(sums)
-    stacked = torch.stack([sums[k] for k in keys]) / steps
+    stacked = torch.stack([sums[k] / counts[k] for k in keys])
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(stacked)
         stacked /= dist.get_world_size()
