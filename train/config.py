@@ -81,6 +81,7 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch_size / 256 (MAE's rule)
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float = -1.0  # >= 0: half-cosine from weight_decay to this over training (DINO); < 0: constant
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0
@@ -97,6 +98,7 @@ class TrainConfig:
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
+    compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
 
 
 @dataclass
@@ -336,12 +338,21 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
+    if t.compile:
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if t.compile not in backends:
+            raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
     if not resolve_path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
     try:
         zero = json.loads(resolve_path(t.deepspeed).read_text()).get("zero_optimization", {})
     except json.JSONDecodeError as err:
         raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    if t.compile and zero.get("stage", 0) == 3:
+        raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
+                          "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
     if o.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
     if not 0 < o.layer_decay <= 1:

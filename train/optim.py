@@ -60,3 +60,16 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cp
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half-cosine from `start` at step 0 to `end` at `total_steps` (DINO's weight decay: 0.04 -> 0.4)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of the groups built with one (norms, biases and embeddings stay at 0)."""
+    for group in optimizer.param_groups:
+        if group.setdefault("decayed", group["weight_decay"] > 0):
+            group["weight_decay"] = weight_decay
