@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.methods.invariance import crop_major, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
@@ -79,7 +80,11 @@ def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float)
 
 
 class DINO(nn.Module):
+    """Compression (train/compression.py): token dropout on the student's crops (each crop set draws its own
+    subset), the teacher sees every token; patch scaling on every crop of both networks."""
+
     Config = DINOConfig
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -121,12 +126,15 @@ class DINO(nn.Module):
         b, device = views.shape[0], views.device
         global_crops = crop_major(views)
         crops = [global_crops] + ([crop_major(batch["local_views"])] if "local_views" in batch else [])
-        features = torch.cat([self.encoder(c, pool="token") for c in crops])  # one pass per resolution
+        compression = batch.get("compression", FULL)
+        features = torch.cat([encode(self.encoder, c, compression, stream=i, pool="token")
+                              for i, c in enumerate(crops)])  # one pass per resolution
         student = self.head(features, freeze_last_layer=step < self.freeze_steps).unflatten(0, (-1, b))
         with torch.no_grad():
             teacher = self.teacher.on(device)
             with autocast_like(self.encoder, device):
-                teacher_out = teacher["head"](teacher["encoder"](global_crops, pool="token")).unflatten(0, (2, b))
+                features = encode(teacher["encoder"], global_crops, compression, dropout=False, pool="token")
+                teacher_out = teacher["head"](features).unflatten(0, (2, b))
         self.center = self.center.to(device)
         temp = self.teacher_temp_at(step)
         loss = dino_loss(student, teacher_out, self.center, self.cfg.student_temp, temp)
@@ -152,12 +160,16 @@ class DINO(nn.Module):
         self.teacher.load_state_dict(state["teacher"])
         self.center = state["center"].float()
 
-    def flops_per_image(self) -> float:
-        """Student forward + backward (x3) on every crop, teacher forward on the two global crops."""
-        head = linear_flops(self.head)
-        global_crop = self.encoder.forward_flops(self.encoder.num_patches) + head
-        local_crop = self.encoder.forward_flops((self.local_size // self.encoder.patch_size) ** 2) + head
-        return 3 * (2 * global_crop + self.local_crops * local_crop) + 2 * global_crop
+    def flops_per_image(self, compression: Setting = FULL) -> float:
+        """Student forward + backward (x3) on every crop, teacher forward on the two global crops (all tokens)."""
+        head, enc = linear_flops(self.head), self.encoder.forward_flops
+        global_tokens = compression.num_tokens(self.encoder)
+        local_tokens = compression.num_tokens(self.encoder, self.local_size)
+        student = (2 * enc(compression.num_kept(global_tokens))
+                   + self.local_crops * enc(compression.num_kept(local_tokens)) + (2 + self.local_crops) * head)
+        return 3 * student + 2 * (enc(global_tokens) + head)
 
-    def tokens_per_image(self) -> int:
-        return 2 * self.encoder.num_patches + self.local_crops * (self.local_size // self.encoder.patch_size) ** 2
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        """Tokens through the student's encoder."""
+        return (2 * compression.num_kept(compression.num_tokens(self.encoder))
+                + self.local_crops * compression.num_kept(compression.num_tokens(self.encoder, self.local_size)))

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
 from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
@@ -46,7 +47,11 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, rank: int
 
 
 class MoCoV3(nn.Module):
+    """Compression (train/compression.py): token dropout on the query branch only (the momentum branch sees
+    every token, as in Lin et al.); patch scaling on both."""
+
     Config = MoCoV3Config
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -76,12 +81,14 @@ class MoCoV3(nn.Module):
         return self.cfg.momentum
 
     def forward(self, batch: dict, step: int = 0):
-        x = crop_major(batch["views"])
-        q1, q2 = (self.predictor(self.projector(f)) for f in self.encoder(x, pool="token").chunk(2))
+        x, compression = crop_major(batch["views"]), batch.get("compression", FULL)
+        queries = encode(self.encoder, x, compression, pool="token")
+        q1, q2 = (self.predictor(self.projector(f)) for f in queries.chunk(2))
         with torch.no_grad():
             teacher = self.teacher.on(x.device)
             with autocast_like(self.encoder, x.device):
-                k1, k2 = (teacher["projector"](f) for f in teacher["encoder"](x, pool="token").chunk(2))
+                keys = encode(teacher["encoder"], x, compression, dropout=False, pool="token")
+                k1, k2 = (teacher["projector"](f) for f in keys.chunk(2))
         t, rank = self.cfg.temperature, process_rank()
         loss = (moco_v3_loss(q1, all_gather_with_grad(k2.float()), t, rank)
                 + moco_v3_loss(q2, all_gather_with_grad(k1.float()), t, rank))
@@ -97,11 +104,13 @@ class MoCoV3(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.teacher.load_state_dict(state["teacher"])
 
-    def flops_per_image(self) -> float:
-        """Two views: query path forward + backward (x3), momentum path forward only."""
-        enc = self.encoder.forward_flops(self.encoder.num_patches)
+    def flops_per_image(self, compression: Setting = FULL) -> float:
+        """Two views: query path forward + backward (x3), momentum path forward only (all tokens)."""
+        grid_tokens = compression.num_tokens(self.encoder)
+        query = self.encoder.forward_flops(compression.num_kept(grid_tokens))
+        key = self.encoder.forward_flops(grid_tokens)
         proj, pred = linear_flops(self.projector), linear_flops(self.predictor)
-        return 2 * (3 * (enc + proj + pred) + enc + proj)
+        return 2 * (3 * (query + proj + pred) + key + proj)
 
-    def tokens_per_image(self) -> int:
-        return 2 * self.encoder.num_patches
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return 2 * compression.num_kept(compression.num_tokens(self.encoder))

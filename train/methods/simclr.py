@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
 from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
@@ -48,6 +49,7 @@ def nt_xent_loss(z: torch.Tensor, z_all: torch.Tensor, temperature: float, rank:
 
 class SimCLR(nn.Module):
     Config = SimCLRConfig
+    supported_compression = ("token_dropout", "patch_scaling")  # both views get gradients: both drop tokens
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -59,13 +61,15 @@ class SimCLR(nn.Module):
 
     def forward(self, batch: dict, step: int = 0):
         # both views in one batch, as SimCLR normalises them together in its (global) BatchNorm
-        z = self.projector(self.encoder(crop_major(batch["views"]), pool="token")).float()
+        features = encode(self.encoder, crop_major(batch["views"]), batch.get("compression", FULL), pool="token")
+        z = self.projector(features).float()
         loss = nt_xent_loss(z, all_gather_with_grad(z), self.cfg.temperature, process_rank())
         return loss, {"loss": loss.detach()}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Two views, forward + backward (x3)."""
-        return 2 * 3 * (self.encoder.forward_flops(self.encoder.num_patches) + linear_flops(self.projector))
+        per_view = self.encoder.forward_flops(self.tokens_per_image(compression) // 2)
+        return 2 * 3 * (per_view + linear_flops(self.projector))
 
-    def tokens_per_image(self) -> int:
-        return 2 * self.encoder.num_patches
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return 2 * compression.num_kept(compression.num_tokens(self.encoder))
