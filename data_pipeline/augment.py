@@ -6,9 +6,12 @@ them with its own `collate`, and decodes + crops on the training device in `to_d
 (torchvision's nvjpeg decoder on CUDA), so the CPU workers only read bytes and draw crop parameters.
 """
 
+import contextlib
 import io
 import logging
+import random
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,7 +22,8 @@ from torchvision.transforms.v2.functional import pil_to_tensor
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 # the official recipes' (global) crop scales, used when data.crop_scale is not set
-RECIPE_CROP_SCALE = {"single": (0.2, 1.0), "moco_v3": (0.08, 1.0), "simclr": (0.08, 1.0), "dino": (0.4, 1.0)}
+RECIPE_CROP_SCALE = {"single": (0.2, 1.0), "moco_v3": (0.08, 1.0), "simclr": (0.08, 1.0), "dino": (0.4, 1.0),
+                     "finetune": (0.08, 1.0)}
 BICUBIC, BILINEAR = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.BILINEAR
 
 
@@ -196,6 +200,48 @@ class DeviceSingleView(SingleView):
         return out
 
 
+@contextlib.contextmanager
+def seeded_global_rngs(seed: int):
+    """Seed Python's and NumPy's global RNGs for the duration, then restore them."""
+    state = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(state[0])
+        np.random.set_state(state[1])
+
+
+class FinetuneView:
+    """MAE/BEiT fine-tuning: random-resized crop (bicubic), flip and timm's RandAugment ("rand-m9-mstd0.5-inc1").
+
+    Random erasing and Mixup/CutMix act on the normalised batch on the device (the finetune method).
+    """
+
+    def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
+                 rand_augment: str = "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)):
+        from timm.data.auto_augment import rand_augment_transform
+
+        self.crop = v2.Compose([
+            v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),
+            v2.RandomHorizontalFlip(hflip),
+        ])
+        hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
+                   "interpolation": Image.BICUBIC}
+        self.rand_augment = rand_augment_transform(rand_augment, hparams) if rand_augment else None
+        self.to_tensor = v2.PILToTensor()
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        img = self.crop(img)
+        if self.rand_augment is not None:
+            # RandAugment draws from Python's and NumPy's global RNGs: seed them from torch's (seeded
+            # per sample by the stream), so a resumed stream reproduces the same images
+            with seeded_global_rngs(int(torch.randint(2**31, ()))):
+                img = self.rand_augment(img)
+        return {"images": self.to_tensor(img)}
+
+
 class EvalView:
     """Resize + centre crop (crop_pct 0.875, as timm and MAE evaluate)."""
 
@@ -274,19 +320,21 @@ def decode_on_device(data, device: torch.device | None) -> bool:
 
 
 def build_views(data, img_size: int, device: torch.device | None = None):
-    """The training views named by `data.views` ("single", "moco_v3", "simclr" or "dino").
+    """The training views named by `data.views` ("single", "moco_v3", "simclr", "dino" or "finetune").
 
     `data.crop_scale` unset means the recipe's own (MAE 0.2, MoCo-v3/SimCLR 0.08, DINO 0.4); with
     `device`, `data.decode` may move single-view decoding onto it (DeviceSingleView).
     """
     if data.views not in RECIPE_CROP_SCALE:
-        raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr or dino")
+        raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr, dino or finetune")
     scale = tuple(data.crop_scale or RECIPE_CROP_SCALE[data.views])
     if data.views == "single":
         cls = DeviceSingleView if decode_on_device(data, device) else SingleView
         return cls(img_size, scale, data.hflip)
     if data.views == "moco_v3":
         return TwoViews(img_size, scale, True, data.jitter_strength, BILINEAR)
+    if data.views == "finetune":
+        return FinetuneView(img_size, scale, data.hflip, data.rand_augment, data.mean)
     if data.views == "simclr":
         return TwoViews(img_size, scale, False, data.jitter_strength, BICUBIC)
     return MultiCrop(img_size, scale, data.local_crops, data.local_size, data.local_crop_scale, data.jitter_strength)

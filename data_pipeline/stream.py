@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,6 +91,16 @@ class SkipCounter:
         if self.count <= 10 or self.count % 1000 == 0:
             log.warning("skipped bad data (%d so far): %s", self.count, exn)
         return True
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then stops them.
+
+    Slurm signals every process of a job step, workers included; a worker killed by it would make
+    the DataLoader raise in the middle of the step that is about to write the checkpoint.
+    """
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -211,7 +222,8 @@ class StreamLoader:
                                   positions=positions, rotation=rotation)
         # its own generator: starting the workers must not draw from (and shift) the global torch RNG
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
-                                 prefetch_factor=4 if workers else None, generator=torch.Generator())
+                                 prefetch_factor=4 if workers else None, generator=torch.Generator(),
+                                 worker_init_fn=ignore_stop_signals)
 
     @property
     def samples_seen(self) -> int:

@@ -19,12 +19,17 @@ TINY = [
 # method-specific tiny settings, applied by make_cfg when the run selects that method
 TINY_METHOD = {
     "mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
+    "hpm": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
     "mlo_mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "method.mask_net_dim=16",
                 "method.mask_net_depth=1", "method.mask_net_heads=2", "method.hyper_every=1",
                 "method.head_base_lr=0.5", "method.mask_base_lr=0.5"],
     "mapet": ["method.num_visible=4", "method.num_codes=16", "method.teacher.num_heads=2"],
     "digpt": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
               "method.teacher.num_heads=2"],
+    "moco_v3": ["data.views=moco_v3", "method.proj_dim=16", "method.mlp_dim=32"],
+    "simclr": ["data.views=simclr", "method.proj_hidden_dim=32", "method.proj_dim=16"],
+    "dino": ["data.views=dino", "data.local_crops=2", "data.local_size=8", "data.local_crop_scale=[0.2,0.5]",
+             "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"],
 }
 
 # a tiny CLIP image tower: timm's vit_base_patch16_clip_224 layout (pre-norm, LayerNorm eps 1e-5) at 16 px,

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from test_engine import fully_partitioned_zero3
 from test_launch import command, run_env
+from test_mapet import codebook, mapet_cfg  # noqa: F401 (fixtures)
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from conftest import REPO
@@ -246,6 +247,90 @@ def test_mae_patch_scaling_runs_on_the_coarser_grid():
     assert pred.shape == target.shape == (3, 4, 48) and mask.shape == (3, 4)  # 2x2 grid of base-size predictions
     assert torch.allclose(target, patchify(F.interpolate(images, size=(8, 8), mode="bilinear", antialias=True), 4))
     assert mae.flops_per_image(Setting(patch_size=8)) < 0.5 * mae.flops_per_image()
+
+
+# -------------------------------------------------------------------------------------- D-iGPT compressed
+
+def test_digpt_token_dropout_keeps_a_share_of_every_segment_and_stays_causal(make_cfg, clip_teacher):
+    cfg = make_cfg("method.name=digpt", f"method.teacher.path={clip_teacher}", "train.steps=1")
+    with pytest.raises(ConfigError, match=r"method 'digpt' does not support patch_scaling"):
+        make_cfg("method.name=digpt", f"method.teacher.path={clip_teacher}", "train.steps=1",
+                 "compression.patch_scale.start=2")
+    torch.manual_seed(0)
+    method = build_method(cfg).eval()
+    half = Setting(keep_ratio=0.5, seed=3)
+    # 4x4 grid, 2x2 segments of 4 patches: half keeps 2 of each segment; 3 input segments -> 6 encoder tokens
+    order = method.patch_order(16, torch.device("cpu"), half)
+    segments = [set(s) for s in method.segments.tolist()]
+    assert order.shape == (16, 8) and method.tokens_per_image(half) == 6 and method.tokens_per_image() == 12
+    for row in order.tolist():
+        parts = [set(row[i:i + 2]) for i in range(0, 8, 2)]
+        owners = [next(j for j, seg in enumerate(segments) if part <= seg) for part in parts]
+        assert all(len(part) == 2 for part in parts) and sorted(owners) == [0, 1, 2, 3]
+    assert len({tuple(row) for row in order.tolist()}) > 8  # random subsets (and segment orders) per image
+    assert method.flops_per_image(half) < 0.6 * method.flops_per_image()
+    # the masks follow the shorter segments: changing a patch of input segment j leaves earlier queries alone
+    images = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        base = method.predict(images, order)
+        changed = images.clone()
+        for b in range(16):
+            row, col = divmod(int(order[b, 4]), 4)  # first kept patch of the third input segment
+            changed[b, :, row * 4:row * 4 + 4, col * 4:col * 4 + 4] += 1.0
+        after = method.predict(changed, order)
+    for before, now in zip(base, after):
+        assert before.shape == (16, 7, before.shape[-1])  # 6 queries + the class query
+        assert torch.equal(now[:, :4], before[:, :4]) and (now[:, 4:] - before[:, 4:]).abs().amax() > 1e-6
+    # full tokens through the setting path is the uncompressed forward; the engine's batch key is honoured
+    torch.manual_seed(1)
+    plain, _ = method({"images": images})
+    torch.manual_seed(1)
+    same, _ = method({"images": images, "compression": FULL})
+    torch.manual_seed(1)
+    dropped, _ = method({"images": images, "compression": half})
+    assert torch.equal(plain, same) and torch.isfinite(dropped) and dropped != plain
+    # the diagnostic: both passes share the segment order (global RNG), so the identity is exact
+    diagnostic = GradientDiagnostic(cfg, torch.device("cpu"))
+    identity = diagnostic(method, {"images": images}, 0, Setting(keep_ratio=1.0, seed=3))
+    assert identity["compression/grad_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert diagnostic(method, {"images": images}, 0, half)["compression/grad_cosine"] < 0.999
+
+
+# --------------------------------------------------------------------------------------- MaPeT compressed
+
+def test_mapet_token_dropout_runs_on_a_random_subset_with_the_visible_share_kept(mapet_cfg):  # noqa: F811
+    cfg = mapet_cfg()
+    with pytest.raises(ConfigError, match=r"method 'mapet' does not support patch_scaling"):
+        mapet_cfg("compression.patch_scale.start=2")
+    torch.manual_seed(0)
+    method = build_method(cfg).eval()
+    half = Setting(keep_ratio=0.5, seed=4)
+    # 16 patches, 4 visible: half keeps 8 patches, 2 of them visible, 6 predicted (two streams: 8 + 2 x 6 tokens)
+    order = method.patch_order(16, torch.device("cpu"), half)
+    assert order.shape == (16, 8) and all(len(set(row)) == 8 for row in order.tolist())
+    assert method.visible_of(8) == 2 and method.tokens_per_image(half) == 20 and method.tokens_per_image() == 40
+    assert len({tuple(row) for row in order.tolist()}) == 16
+    images = torch.randn(16, 3, 16, 16)
+    with torch.no_grad():
+        base = method.predict(images, order)
+        assert base.shape[:2] == (16, 6)
+        for r in (2, 5):  # perturb the patch at rank r: predictions of ranks <= r untouched, later ones change
+            changed = images.clone()
+            for b in range(16):
+                row, col = divmod(int(order[b, r]), 4)
+                changed[b, :, row * 4:row * 4 + 4, col * 4:col * 4 + 4] += 1.0
+            out = method.predict(changed, order)
+            assert torch.equal(out[:, :r - 1], base[:, :r - 1])
+            assert (out[:, r - 1:] - base[:, r - 1:]).abs().amax() > 1e-6
+    torch.manual_seed(1)
+    plain, _ = method({"images": images})
+    torch.manual_seed(1)
+    same, _ = method({"images": images, "compression": FULL})
+    assert torch.equal(plain, same)
+    diagnostic = GradientDiagnostic(cfg, torch.device("cpu"))
+    identity = diagnostic(method, {"images": images}, 0, Setting(keep_ratio=1.0, seed=4))
+    assert identity["compression/grad_cosine"] == pytest.approx(1.0, abs=1e-12)
+    assert diagnostic(method, {"images": images}, 0, half)["compression/grad_cosine"] < 0.999
 
 
 # ------------------------------------------------------------------------------------------------- diagnostic

@@ -20,9 +20,11 @@ def losses(out_dir) -> list[float]:
 
 
 def plain_pytorch_losses(cfg, steps: int) -> list[float]:
-    """The engine's step re-done with plain PyTorch: same init, batches, masking noise and lr schedule."""
+    """The engine's step re-done with plain PyTorch: same init, batches, masking noise, lr schedule and hooks."""
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg)
+    if hasattr(method, "set_total_steps"):
+        method.set_total_steps(steps)
     peak = cfg.optim.base_lr * cfg.data.batch_size / 256
     opt = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
     torch.manual_seed(cfg.run.seed)
@@ -36,6 +38,8 @@ def plain_pytorch_losses(cfg, steps: int) -> list[float]:
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if hasattr(method, "on_step_end"):
+            method.on_step_end(step + 1)
         out.append(loss.item())
     return out
 

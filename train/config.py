@@ -19,8 +19,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("auto", "bf16", "fp32")
-VIEWS = ("single", "moco_v3", "simclr", "dino")
+VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune")
 DECODE = ("auto", "cpu", "gpu")
+OPTIMIZERS = ("adamw", "sgd", "lars")
 
 
 class ConfigError(ValueError):
@@ -49,10 +50,12 @@ class DataConfig:
     resampled: bool = True  # draw shards with replacement (True) or disjoint per-epoch splits (False)
     shuffle_buffer: int = 2000
     views: str = "single"  # single (MAE family) | moco_v3 | simclr (two views) | dino (2 global + local crops)
+    #                        | finetune (crop, flip, RandAugment: supervised fine-tuning)
     crop_scale: tuple[float, float] | None = None  # of the (global) crops; unset: the recipe's (0.2 / 0.08 / 0.4)
     hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
     jitter_strength: float = 1.0  # scales the recipe's colour jitter (SimCLR's color_jitter_strength)
     decode: str = "auto"  # auto (on the GPU for "single" views when CUDA is there) | cpu | gpu
+    rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy of the finetune view ("": off)
     local_crops: int = 8  # dino
     local_size: int = 96
     local_crop_scale: tuple[float, float] = (0.05, 0.4)
@@ -78,10 +81,14 @@ class OptimConfig:
     base_lr: float = 1.5e-4  # lr = base_lr * global_batch_size / 256 (MAE's rule)
     min_lr: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float = -1.0  # >= 0: half-cosine from weight_decay to this over training (DINO); < 0: constant
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0
     clip_grad: float = 0.0  # 0: off
+    optimizer: str = "adamw"  # adamw | sgd | lars (LARS: MAE's linear probe; needs ZeRO stage 0 and fp32)
+    momentum: float = 0.9  # sgd and lars
+    layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE fine-tuning): lr x decay^(depth + 1 - layer); 1: off
 
 
 @dataclass
@@ -91,6 +98,7 @@ class TrainConfig:
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
+    compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
 
 
 @dataclass
@@ -137,12 +145,16 @@ class Config:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
 
-def _method_config_class(name: Any):
+def _method_class(name: Any):
     from train.methods import METHODS
 
     if name not in METHODS:
         raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name].Config
+    return METHODS[name]
+
+
+def _method_config_class(name: Any):
+    return _method_class(name).Config
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -326,12 +338,34 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
+    if t.compile:
+        from torch._dynamo import list_backends
+
+        backends = list_backends(exclude_tags=())
+        if t.compile not in backends:
+            raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
     if not resolve_path(t.deepspeed).is_file():
         raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
     try:
-        json.loads(resolve_path(t.deepspeed).read_text())
+        zero = json.loads(resolve_path(t.deepspeed).read_text()).get("zero_optimization", {})
     except json.JSONDecodeError as err:
         raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    if t.compile and zero.get("stage", 0) == 3:
+        raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
+                          "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
+    if o.optimizer not in OPTIMIZERS:
+        raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
+    if not 0 < o.layer_decay <= 1:
+        raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
+    if o.layer_decay < 1 and not hasattr(_method_class(cfg.method.name), "group_matcher"):
+        raise ConfigError(f"optim.layer_decay needs a method with layer groups (group_matcher); "
+                          f"{cfg.method.name} has none")
+    if o.optimizer == "lars" and (zero.get("stage", 0) != 0 or t.precision != "fp32"):
+        raise ConfigError("optim.optimizer=lars needs train.deepspeed=ds_configs/zero0.json and train.precision=fp32: "
+                          "ZeRO partitions and bf16 master weights flatten parameters, breaking LARS's per-layer "
+                          "trust ratio")
+    if o.optimizer != "adamw" and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme"):
+        raise ConfigError(f"optim.optimizer={o.optimizer}: optimizer offload runs DeepSpeed's CPU Adam; use adamw")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:

@@ -39,7 +39,11 @@ def world_info_from_env(env: dict | None = None) -> WorldInfo:
 
 def slurm_master_addr(nodelist: str) -> str:
     """First host of a Slurm node list, as `scontrol show hostnames` expands it."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise RuntimeError(f"MASTER_ADDR is not set and `scontrol show hostnames {nodelist}` failed ({err}); "
+                           "export MASTER_ADDR (slurm/pretrain.sh does)") from None
     return out.stdout.split()[0]
 
 
@@ -47,6 +51,34 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def rendezvous_env(env: dict) -> dict[str, str]:
+    """The env:// variables (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) that `env` lacks.
+
+    Under Slurm the master is the first host of the job's node list and the port is derived from
+    the job id, so every task computes the same values without talking to the others.
+    """
+    info = world_info_from_env(env)
+    out = {"RANK": str(info.rank), "LOCAL_RANK": str(info.local_rank), "WORLD_SIZE": str(info.world_size)}
+    if "MASTER_ADDR" not in env:
+        on_slurm = "SLURM_JOB_NODELIST" in env and info.world_size > 1
+        out["MASTER_ADDR"] = slurm_master_addr(env["SLURM_JOB_NODELIST"]) if on_slurm else "127.0.0.1"
+    if "MASTER_PORT" not in env:
+        # every rank must agree: derived from the job id under Slurm, else the torch default
+        job = int(env.get("SLURM_JOB_ID", "0"))
+        out["MASTER_PORT"] = str(20000 + job % 20000 if job else 29500) if info.world_size > 1 else str(free_port())
+    return {k: v for k, v in out.items() if k not in env}
+
+
+def cuda_index(local_rank: int, visible: int) -> int:
+    """The GPU a process uses: its local rank among the node's GPUs, or the only GPU the launcher left it."""
+    if visible == 1:
+        return 0
+    if local_rank >= visible:
+        raise RuntimeError(f"local rank {local_rank} but only {visible} GPUs are visible: start one process per GPU "
+                           "(Slurm: --ntasks-per-node equal to --gpus-per-node)")
+    return local_rank
 
 
 def init_distributed() -> WorldInfo:
@@ -57,23 +89,9 @@ def init_distributed() -> WorldInfo:
     info = world_info_from_env()
     if dist.is_initialized():
         return WorldInfo(dist.get_rank(), info.local_rank, dist.get_world_size())
-    os.environ.setdefault("RANK", str(info.rank))
-    os.environ.setdefault("LOCAL_RANK", str(info.local_rank))
-    os.environ.setdefault("WORLD_SIZE", str(info.world_size))
-    if "MASTER_ADDR" not in os.environ:
-        if "SLURM_JOB_NODELIST" in os.environ and info.world_size > 1:
-            os.environ["MASTER_ADDR"] = slurm_master_addr(os.environ["SLURM_JOB_NODELIST"])
-        else:
-            os.environ["MASTER_ADDR"] = "127.0.0.1"
-    if "MASTER_PORT" not in os.environ:
-        if info.world_size > 1:
-            # every rank must agree: derive from the job id under Slurm, else the torch default
-            job = int(os.environ.get("SLURM_JOB_ID", "0"))
-            os.environ["MASTER_PORT"] = str(20000 + job % 20000 if job else 29500)
-        else:
-            os.environ["MASTER_PORT"] = str(free_port())
+    os.environ.update(rendezvous_env(dict(os.environ)))
     if torch.cuda.is_available():
-        torch.cuda.set_device(info.local_rank)
+        torch.cuda.set_device(cuda_index(info.local_rank, torch.cuda.device_count()))
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
@@ -82,7 +100,9 @@ def init_distributed() -> WorldInfo:
 
 
 def device_for(info: WorldInfo) -> torch.device:
-    return torch.device("cuda", info.local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", cuda_index(info.local_rank, torch.cuda.device_count()))
 
 
 def barrier() -> None:
@@ -97,3 +117,16 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def all_gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """`x` of every rank concatenated along dim 0 (rank order), gradients flowing back to each rank's part.
+
+    The global-batch negatives of SimCLR and MoCo v3: the backward sums every rank's gradient for this
+    rank's rows, so averaging parameter gradients over ranks gives the gradient of the global-batch loss.
+    """
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return x
+    from torch.distributed._functional_collectives import all_gather_single  # autograd: backward reduce-scatters
+
+    return all_gather_single(x.contiguous(), 0, dist.group.WORLD)

@@ -11,6 +11,7 @@ import math
 import signal
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
 from train.monitor import Monitor, gpu_peak_flops
-from train.optim import lr_at, make_optimizer, param_groups, set_lr
+from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
+from train.speed import compile_blocks, enable_fast_kernels
 
 log = logging.getLogger("train")
 
@@ -92,13 +94,16 @@ def prepare_data(cfg: Config, world: WorldInfo) -> Config:
     return cfg
 
 
-def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
-    """(total optimizer steps, warmup steps) from epochs or steps."""
+def steps_per_epoch_for(cfg: Config, num_samples: int | None) -> int | None:
+    """Optimizer steps per pass over `data.train` (None when its sample count is unknown)."""
     world = dist.get_world_size() if dist.is_initialized() else 1
     batch = cfg.train.global_batch_size or cfg.data.batch_size * world
-    steps_per_epoch = None
-    if num_samples:
-        steps_per_epoch = max(1, num_samples // batch)
+    return max(1, num_samples // batch) if num_samples else None
+
+
+def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
+    """(total optimizer steps, warmup steps) from epochs or steps."""
+    steps_per_epoch = steps_per_epoch_for(cfg, num_samples)
     if cfg.train.steps:
         total = cfg.train.steps
     elif steps_per_epoch is None:
@@ -111,6 +116,26 @@ def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
             raise ConfigError("optim.warmup_epochs needs the sample count; use optim.warmup_steps")
         warmup = round(cfg.optim.warmup_epochs * steps_per_epoch)
     return total, min(warmup, total)
+
+
+def build_engine(cfg: Config, world_size: int):
+    """The method, its optimizer and the DeepSpeed engine around them, as every run (and the benchmark) builds them.
+
+    Returns (engine, optimizer, ds_config, peak_lr).
+    """
+    import deepspeed
+
+    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
+    method = build_method(cfg)
+    if cfg.train.compile:
+        compile_blocks(method, cfg.train.compile)
+    ds_config = deepspeed_config(cfg, world_size)
+    peak_lr = cfg.optim.base_lr * ds_config["train_batch_size"] / 256
+    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay), peak_lr,
+                               cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config), name=cfg.optim.optimizer,
+                               momentum=cfg.optim.momentum)
+    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    return engine, optimizer, ds_config, peak_lr
 
 
 class StopFlag:
@@ -141,29 +166,29 @@ class StopFlag:
             signal.signal(sig, signal.SIG_DFL)
 
 
-def train(cfg: Config) -> RunResult:
-    """Run (or resume) pretraining as configured; every rank calls this."""
-    import deepspeed
+def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, float]] | None = None) -> RunResult:
+    """Run (or resume) pretraining as configured; every rank calls this.
 
+    `evaluate(module, step)`, if given, runs on every rank after each checkpoint (not after a
+    preemption stop); the scalars it returns go to TensorBoard and metrics.jsonl.
+    """
     world = init_distributed()
     device = device_for(world)
+    if device.type == "cuda":
+        enable_fast_kernels()
     out = cfg.output_dir
     ckpt_dir = out / "checkpoints"
     if world.is_main:
         out.mkdir(parents=True, exist_ok=True)
     cfg = prepare_data(cfg, world)
     shards = resolve_shards(cfg.data.train)
-    total_steps, warmup_steps = total_steps_for(cfg, cfg.data.num_samples or shards.num_samples)
+    num_samples = cfg.data.num_samples or shards.num_samples
+    total_steps, warmup_steps = total_steps_for(cfg, num_samples)
 
-    torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
-    method = build_method(cfg)
-    ds_config = deepspeed_config(cfg, world.world_size)
+    engine, optimizer, ds_config, peak_lr = build_engine(cfg, world.world_size)
+    method = engine.module
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
-    peak_lr = cfg.optim.base_lr * global_batch / 256
-    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), peak_lr, cfg.optim.betas,
-                               cpu_offload=offloads_optimizer(ds_config))
-    engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
 
     step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
     data_state, aux_state = None, {}
@@ -202,7 +227,7 @@ def train(cfg: Config) -> RunResult:
 
     if world.is_main:
         save_config(cfg, out / "config.yaml")
-        n_params = sum(p.numel() for p in method.parameters())
+        n_params = sum(getattr(p, "ds_numel", p.numel()) for p in method.parameters())  # ZeRO-3: full size
         log.info("method %s, %.1fM parameters, %d steps (%d warmup), global batch %d = %d per rank x %d ranks x %d "
                  "accumulation, precision %s, %s", cfg.method.name, n_params / 1e6, total_steps, warmup_steps,
                  global_batch, cfg.data.batch_size, world.world_size, accum,
@@ -212,6 +237,8 @@ def train(cfg: Config) -> RunResult:
     # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
     compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
     diagnostic = GradientDiagnostic(cfg, device, use_bf16(cfg)) if cfg.compression.diagnose_every else None
+    if hasattr(module, "set_total_steps"):  # methods with schedules over training progress (steps or epochs)
+        module.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     stop = StopFlag()
     peak_flops = gpu_peak_flops()
     flops_per_image = getattr(module, "flops_per_image", lambda: None)()
@@ -227,6 +254,9 @@ def train(cfg: Config) -> RunResult:
         while step < total_steps:
             lr = lr_at(step, peak_lr, total_steps, warmup_steps, cfg.optim.min_lr)
             set_lr(optimizer, lr)
+            if cfg.optim.weight_decay_end >= 0:
+                wd = weight_decay_at(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
+                set_weight_decay(optimizer, wd)
             for micro in range(accum):
                 t0 = time.perf_counter()
                 batch = next(data)  # on the device, normalised
@@ -266,6 +296,8 @@ def train(cfg: Config) -> RunResult:
                         f"{ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, or check the data.")
                 elapsed = time.perf_counter() - t_log
                 values["train/lr"] = lr
+                if cfg.optim.weight_decay_end >= 0:
+                    values["train/weight_decay"] = wd
                 if compression.active:  # throughput counts the tokens and FLOPs of this step's setting
                     setting = batch["compression"]
                     values.update(compression.describe(setting))
@@ -298,6 +330,9 @@ def train(cfg: Config) -> RunResult:
                 rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(),
                               "aux_data": {name: aux.state_dict() for name, aux in aux_loaders.items()}}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
+                if evaluate is not None and not stopped:
+                    monitor.scalars(step, evaluate(module, step), console=False)
+                    t_log = time.perf_counter()  # evaluation time is not training throughput
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
                 break

@@ -3,7 +3,7 @@
 import math
 
 import torch
-from timm.optim import param_groups_weight_decay
+from timm.optim import Lars, param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
 
@@ -16,9 +16,16 @@ def no_weight_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no decay on norms, biases, position embeddings and special tokens; frozen params left out."""
-    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_weight_decay_names(model))
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW groups: no decay on norms, biases, position embeddings and special tokens; frozen params left out.
+
+    With `layer_decay` < 1, timm's layer-wise groups (BEiT/MAE fine-tuning) over the layers that
+    `model.group_matcher()` names: each group's `lr_scale` is decay^(last layer - layer).
+    """
+    no_decay = no_weight_decay_names(model)
+    if layer_decay < 1.0:
+        return param_groups_layer_decay(model, weight_decay, no_weight_decay_list=no_decay, layer_decay=layer_decay)
+    return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
 def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
@@ -35,10 +42,34 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr * group.get("lr_scale", 1.0)
 
 
-def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cpu_offload: bool):
-    """torch AdamW (fused on GPU); DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the host."""
+def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cpu_offload: bool,
+                   name: str = "adamw", momentum: float = 0.9):
+    """torch AdamW (fused on GPU); DeepSpeed's CPU Adam when ZeRO offloads the optimizer to the host.
+
+    `name="sgd"`: SGD with momentum; `"lars"`: timm's LARS as MAE's linear probe uses it (trust ratio
+    on weight matrices only, not on biases or norms).
+    """
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    if name == "lars":
+        for group in groups:
+            group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
+        return Lars(groups, lr=lr, momentum=momentum)
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())
+
+
+def weight_decay_at(step: int, total_steps: int, start: float, end: float) -> float:
+    """Half-cosine from `start` at step 0 to `end` at `total_steps` (DINO's weight decay: 0.04 -> 0.4)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, weight_decay: float) -> None:
+    """Set the weight decay of the groups built with one (norms, biases and embeddings stay at 0)."""
+    for group in optimizer.param_groups:
+        if group.setdefault("decayed", group["weight_decay"] > 0):
+            group["weight_decay"] = weight_decay

@@ -36,7 +36,8 @@ def end_of_run_eval(cfg, result) -> dict:
     device = next(module.parameters()).device
     torch.manual_seed(cfg.run.seed)
     random_encoder = ViTEncoder(cfg.model).to(device)
-    scores = {"pretrained": evaluate_encoder(module.encoder, cfg, device),
+    encoder = module.eval_encoder() if hasattr(module, "eval_encoder") else module.encoder
+    scores = {"pretrained": evaluate_encoder(encoder, cfg, device),
               "random init": evaluate_encoder(random_encoder, cfg, device)}
     if world_info_from_env().rank == 0:
         log.info("evaluation on %s (fit on %s):", cfg.data.val, cfg.data.train)

@@ -13,6 +13,11 @@ final tokens (not blocks 6/8/10/12 through per-layer projections) and are MAE-st
 (encoder tokens + one query per target, a learned token plus sin-cos position, in one sequence of
 timm blocks under a mask) instead of cross-attention blocks; teacher features are resampled to the
 student's grid instead of upsampling predictions to the teacher's.
+
+Compression (train/compression.py): token dropout keeps the same random `keep_ratio` share of every
+segment's patches, so the block-causal structure stays and each segment shrinks alike (inputs and
+NEXT / VISIBLE targets are the kept patches). Patch scaling is not supported: segments, the
+teacher's resampled features and the decoders' positions are laid out on the model's own grid.
 """
 
 from dataclasses import dataclass, field
@@ -22,6 +27,7 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError
 from train.models.masking import gather_tokens
 from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed, vit_forward_flops
@@ -143,6 +149,7 @@ class FeaturePredictor(nn.Module):
 
 class DiGPT(nn.Module):
     Config = DiGPTConfig
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -162,40 +169,57 @@ class DiGPT(nn.Module):
         self.next_decoder = FeaturePredictor(*args)
         self.visible_decoder = FeaturePredictor(*args)
 
-    def patch_order(self, batch: int, device: torch.device) -> torch.Tensor:
-        """(B, N) patch indices, segment by segment: segments in a random order per image, or raster."""
+    def patch_order(self, batch: int, device: torch.device, compression: Setting = FULL) -> torch.Tensor:
+        """(B, S x L) patch indices, segment by segment: segments in a random order per image, or raster;
+        under token dropout, L = the kept share of each segment's patches (a random subset of each)."""
         segments = self.segments.to(device)
         if self.cfg.order == "raster":
-            return segments.flatten().expand(batch, -1)
-        perm = torch.argsort(torch.rand(batch, len(segments), device=device), dim=1)
-        return segments[perm].flatten(1)
+            order = segments.expand(batch, -1, -1)
+        else:
+            order = segments[torch.argsort(torch.rand(batch, len(segments), device=device), dim=1)]
+        num_segments = len(segments)
+        keep = compression.keep_ids(batch * num_segments, self.segment_len, device)
+        if keep is not None:
+            order = order.reshape(batch * num_segments, self.segment_len).gather(1, keep).view(batch, num_segments, -1)
+        return order.flatten(1)
+
+    def layout(self, order: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+        """(segment length, input patches, encoder mask, decoder mask) of a patch order (B, S x L)."""
+        segment_len = order.shape[1] // self.segments.shape[0]
+        if segment_len == self.segment_len:
+            return segment_len, self.num_input, self.encoder_mask, self.decoder_mask
+        encoder_mask, decoder_mask = causal_masks(self.segments.shape[0] - 1, segment_len)
+        return (segment_len, order.shape[1] - segment_len, encoder_mask.to(order.device),
+                decoder_mask.to(order.device))
 
     def predict(self, images: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(next, visible) feature predictions (B, num_input + 1, C) for the targets of `digpt_targets`."""
-        latent = self.encoder(images, ids_keep=order[:, :self.num_input], attn_mask=self.encoder_mask)
-        upcoming = order[:, self.segment_len:self.segment_len + self.num_input]
-        return (self.next_decoder(latent, upcoming, self.decoder_mask),
-                self.visible_decoder(latent, order[:, :self.num_input], self.decoder_mask))
+        segment_len, num_input, encoder_mask, decoder_mask = self.layout(order)
+        latent = self.encoder(images, ids_keep=order[:, :num_input], attn_mask=encoder_mask)
+        upcoming = order[:, segment_len:segment_len + num_input]
+        return (self.next_decoder(latent, upcoming, decoder_mask),
+                self.visible_decoder(latent, order[:, :num_input], decoder_mask))
 
     def forward(self, batch: dict, step: int = 0):
         images = batch["images"]
         teacher_cls, teacher_patches = self.teacher(images)
-        order = self.patch_order(images.shape[0], images.device)
+        order = self.patch_order(images.shape[0], images.device, batch.get("compression", FULL))
         pred_next, pred_visible = self.predict(images, order)
-        target_next, target_visible = digpt_targets(teacher_cls, teacher_patches, order, self.segment_len,
-                                                    self.num_input)
+        segment_len, num_input = self.layout(order)[:2]
+        target_next, target_visible = digpt_targets(teacher_cls, teacher_patches, order, segment_len, num_input)
         loss_next, cos_next = feature_loss(pred_next, target_next, self.cfg.loss)
         loss_visible, cos_visible = feature_loss(pred_visible, target_visible, self.cfg.loss)
         loss = loss_next + loss_visible
         return loss, {"loss": loss.detach(), "loss_next": loss_next.detach(), "loss_visible": loss_visible.detach(),
                       "cos_next": cos_next.detach(), "cos_visible": cos_visible.detach()}
 
-    def tokens_per_image(self) -> int:
-        return self.num_input
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return (self.segments.shape[0] - 1) * compression.num_kept(self.segment_len)
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image: encoder and both decoders x 3, plus the teacher's forward."""
-        decoder_tokens = 2 + 2 * self.num_input
-        student = (self.encoder.forward_flops(self.num_input) + self.next_decoder.forward_flops(decoder_tokens)
+        num_input = self.tokens_per_image(compression)
+        decoder_tokens = 2 + 2 * num_input
+        student = (self.encoder.forward_flops(num_input) + self.next_decoder.forward_flops(decoder_tokens)
                    + self.visible_decoder.forward_flops(decoder_tokens))
         return 3 * student + self.teacher.forward_flops()

@@ -16,6 +16,11 @@ Two streams share the encoder's weights, as in the official code (aimagelab/MaPe
 Keys and values come from the content stream only. Both streams run as one sequence through the
 encoder's timm blocks; ordering the patches by the permutation makes the attention mask the same
 for every image, so it is built once (`two_stream_mask`).
+
+Compression (train/compression.py): token dropout runs MaPeT on a random `keep_ratio` share of the
+patches (a random subset of each image's order, so still a uniformly random permutation), with the
+visible share kept: `num_visible x kept / N` of them (at least 1, at most kept - 1) stay visible and
+the rest are predicted. Patch scaling is not supported: the k-CLIP codes are per patch of the model grid.
 """
 
 from dataclasses import dataclass, field
@@ -24,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError
 from train.models.vit import ViTEncoder, init_mae_weights
 from train.teachers.clip import FrozenTeacher, TeacherConfig
@@ -81,6 +87,7 @@ def mapet_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 class MaPeT(nn.Module):
     Config = MaPeTConfig
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -97,21 +104,39 @@ class MaPeT(nn.Module):
         teacher = FrozenTeacher(m.teacher, self.encoder.grid_size, cfg.data.mean, cfg.data.std)
         self.tokenizer = KCLIPTokenizer(teacher, load_codebook(m.codebook, m.num_codes, m.teacher, teacher.out_dim))
 
+    def visible_of(self, num_tokens: int) -> int:
+        """Visible patches of an order of `num_tokens` patches: `num_visible` scaled, in [1, num_tokens - 1]."""
+        if num_tokens == self.encoder.num_patches:
+            return self.num_visible
+        return min(max(1, round(self.num_visible * num_tokens / self.encoder.num_patches)), num_tokens - 1)
+
+    def patch_order(self, batch: int, device: torch.device, compression: Setting = FULL) -> torch.Tensor:
+        """(B, K) a random order of each image's patches; under token dropout a random subset of it."""
+        order = torch.argsort(torch.rand(batch, self.encoder.num_patches, device=device), dim=1)
+        keep = compression.keep_ids(batch, self.encoder.num_patches, device)
+        if keep is None:
+            return order
+        return order.gather(1, keep.sort(dim=1).values)  # ranks kept in order: still a random permutation
+
     def predict(self, images: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-        """Code logits (B, P, K) of the patches `order[:, num_visible:]`, in that order."""
-        batch = images.shape[0]
-        predicted = order[:, self.num_visible:]
-        x = self.encoder(images, ids_keep=order, attn_mask=self.attn_mask,
-                         extra_tokens=self.mask_token.expand(batch, 2 * self.num_predicted, -1),
+        """Code logits (B, P, K) of the patches `order[:, visible_of(len):]`, in that order."""
+        batch, num_tokens = order.shape
+        visible = self.visible_of(num_tokens)
+        num_predicted = num_tokens - visible
+        mask = self.attn_mask if num_tokens == self.encoder.num_patches else \
+            two_stream_mask(num_tokens, visible).to(order.device)
+        predicted = order[:, visible:]
+        x = self.encoder(images, ids_keep=order, attn_mask=mask,
+                         extra_tokens=self.mask_token.expand(batch, 2 * num_predicted, -1),
                          extra_ids=torch.cat([predicted, predicted], dim=1))
-        return self.head(x[:, x.shape[1] - self.num_predicted:])
+        return self.head(x[:, x.shape[1] - num_predicted:])
 
     def forward(self, batch: dict, step: int = 0):
         images = batch["images"]
         codes = self.tokenizer(images)
-        order = torch.argsort(torch.rand(codes.shape, device=images.device), dim=1)
+        order = self.patch_order(images.shape[0], images.device, batch.get("compression", FULL))
         logits = self.predict(images, order)
-        targets = codes.gather(1, order[:, self.num_visible:])
+        targets = codes.gather(1, order[:, self.visible_of(order.shape[1]):])
         loss = mapet_loss(logits, targets)
         accuracy = (logits.argmax(-1) == targets).float().mean()
         return loss, {"loss": loss.detach(), "token_acc": accuracy.detach()}
@@ -119,13 +144,16 @@ class MaPeT(nn.Module):
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
 
-    def tokens_per_image(self) -> int:
-        return self.encoder.num_patches + 2 * self.num_predicted
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        kept = compression.num_kept(self.encoder.num_patches)
+        return kept + 2 * (kept - self.visible_of(kept))
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image: encoder (both streams) and head x 3, teacher forward and code assignment."""
         dim, codes = self.head.in_features, self.head.out_features
-        student = self.encoder.forward_flops(self.tokens_per_image()) + 2 * self.num_predicted * dim * codes
+        kept = compression.num_kept(self.encoder.num_patches)
+        num_predicted = kept - self.visible_of(kept)
+        student = self.encoder.forward_flops(self.tokens_per_image(compression)) + 2 * num_predicted * dim * codes
         teacher = self.tokenizer.teacher
         assignment = 2 * self.encoder.num_patches * teacher.out_dim * codes
         return 3 * student + teacher.forward_flops() + assignment

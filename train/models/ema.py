@@ -10,6 +10,7 @@ which DeepSpeed saves and restores with the module.
 
 import contextlib
 import copy
+import math
 
 import torch
 from torch import nn
@@ -22,6 +23,18 @@ def gathered(params: list[nn.Parameter]):
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()
+
+
+def cosine_momentum(step: int, total_steps: int, base: float) -> float:
+    """EMA momentum rising from `base` at step 0 to 1 at `total_steps` on a half cosine (MoCo v3, DINO, BYOL)."""
+    progress = min(1.0, step / max(1, total_steps))
+    return 1.0 - (1.0 - base) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def autocast_like(student: nn.Module, device: torch.device):
+    """Run an fp32 teacher at the student's compute precision: bf16 autocast when DeepSpeed trains in bf16."""
+    dtype = next(student.parameters()).dtype
+    return torch.autocast(device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16))
 
 
 class EMA:

@@ -175,9 +175,15 @@ class ViTEncoder(nn.Module):
         """The timm model name and keyword overrides that build this encoder's architecture."""
         c = self.cfg
         size = TIMM_SIZES.get((c.embed_dim, c.depth, c.num_heads))
-        name = f"vit_{size}_patch{c.patch_size}_{c.img_size}" if size else ""
-        if name and name in timm.list_models(name):
-            return name, {}
-        base = f"vit_{size or 'base'}_patch16_224"
-        return base, {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
-                      "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}
+        if size:
+            name = f"vit_{size}_patch{c.patch_size}_{c.img_size}"
+            if name in timm.list_models(name):
+                return name, {}
+            # e.g. huge/16 or tiny/14: the size's registered 224 model with the patch and image size changed
+            for patch in (c.patch_size, 16, 14):
+                name = f"vit_{size}_patch{patch}_224"
+                if name in timm.list_models(name):
+                    return name, {"img_size": c.img_size, "patch_size": c.patch_size}
+        # not a timm size: timm's base model with every architecture argument given
+        return "vit_base_patch16_224", {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
+                                        "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}

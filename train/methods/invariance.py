@@ -1,0 +1,36 @@
+"""Small pieces the augmentation-invariance methods (MoCo v3, SimCLR, DINO) share."""
+
+import logging
+
+import torch
+import torch.distributed as dist
+
+from train.config import Config, ConfigError
+
+log = logging.getLogger("train")
+
+
+def require_views(cfg: Config, method: str, recipes: tuple[str, ...]) -> None:
+    """Reject a run whose `data.views` recipe does not make the views `method` trains on."""
+    if cfg.data.views not in recipes:
+        raise ConfigError(f"method {method} trains on the views of data.views={' or '.join(recipes)}, "
+                          f"not data.views={cfg.data.views!r}")
+
+
+def crop_major(views: torch.Tensor) -> torch.Tensor:
+    """(B, V, 3, H, W) -> (V*B, 3, H, W): every image's first view, then every second view, ..."""
+    return views.transpose(0, 1).flatten(0, 1)
+
+
+def process_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def warn_if_accumulating(cfg: Config, method: str) -> None:
+    """Contrastive negatives come from one micro-batch on every rank: accumulation is not a bigger batch."""
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    per_step = cfg.data.batch_size * world
+    if cfg.train.global_batch_size > per_step and process_rank() == 0:
+        log.warning("%s with gradient accumulation: the contrastive negatives come from each micro-batch of %d "
+                    "images (data.batch_size x world size), not from train.global_batch_size=%d", method, per_step,
+                    cfg.train.global_batch_size)

@@ -1,0 +1,71 @@
+"""SimCLR (Chen et al., 2020): each view's projection must pick out the other view of its image among all
+2N - 1 other views of the global batch (NT-Xent), negatives gathered from every rank with gradients."""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from train.config import Config, ConfigError
+from train.distributed import all_gather_with_grad
+from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
+from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
+from train.models.vit import ViTEncoder
+
+
+@dataclass
+class SimCLRConfig:
+    name: str = "simclr"
+    proj_layers: int = 2  # projection MLP depth (SimCLR v1: 2, v2: 3)
+    proj_hidden_dim: int = 2048
+    proj_dim: int = 128
+    temperature: float = 0.1
+
+    def validate(self, cfg: Config) -> None:
+        require_views(cfg, self.name, ("simclr", "moco_v3"))
+        if self.temperature <= 0:
+            raise ConfigError(f"method.temperature={self.temperature} must be > 0")
+        if self.proj_layers < 1 or min(self.proj_hidden_dim, self.proj_dim) < 1:
+            raise ConfigError(f"method.proj_layers={self.proj_layers}, proj_hidden_dim={self.proj_hidden_dim} and "
+                              f"proj_dim={self.proj_dim} must be >= 1")
+
+
+def nt_xent_loss(z: torch.Tensor, z_all: torch.Tensor, temperature: float, rank: int = 0) -> torch.Tensor:
+    """NT-Xent of this rank's embeddings z (2B, D: first views, then second views) against those of every
+    rank z_all (W*2B, D, rank order). Anchor i's positive is the other view of its image, the other 2N - 2
+    views of the global batch are its negatives, itself is left out. Mean over this rank's anchors; fp32."""
+    n = z.shape[0]
+    z = F.normalize(z.float(), dim=1)
+    z_all = F.normalize(z_all.float(), dim=1)
+    logits = z @ z_all.T / temperature
+    anchors = torch.arange(n, device=z.device)
+    self_mask = torch.zeros_like(logits, dtype=torch.bool)
+    self_mask[anchors, rank * n + anchors] = True
+    positives = rank * n + (anchors + n // 2) % n
+    return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positives)
+
+
+class SimCLR(nn.Module):
+    Config = SimCLRConfig
+
+    def __init__(self, cfg: Config):
+        super().__init__()
+        m = self.cfg = cfg.method
+        warn_if_accumulating(cfg, m.name)
+        self.encoder = ViTEncoder(cfg.model)
+        self.projector = sync_batchnorm(projection_mlp(m.proj_layers, cfg.model.embed_dim, m.proj_hidden_dim,
+                                                       m.proj_dim))
+
+    def forward(self, batch: dict, step: int = 0):
+        # both views in one batch, as SimCLR normalises them together in its (global) BatchNorm
+        z = self.projector(self.encoder(crop_major(batch["views"]), pool="token")).float()
+        loss = nt_xent_loss(z, all_gather_with_grad(z), self.cfg.temperature, process_rank())
+        return loss, {"loss": loss.detach()}
+
+    def flops_per_image(self) -> float:
+        """Two views, forward + backward (x3)."""
+        return 2 * 3 * (self.encoder.forward_flops(self.encoder.num_patches) + linear_flops(self.projector))
+
+    def tokens_per_image(self) -> int:
+        return 2 * self.encoder.num_patches
