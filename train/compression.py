@@ -247,9 +247,10 @@ class GradientDiagnostic:
 
     def __call__(self, module: torch.nn.Module, batch: dict, step: int, setting: Setting) -> dict[str, float]:
         """TensorBoard scalars: grad_cosine, grad_rel_error and both losses, for `setting` on `batch`."""
-        self.load(module)
         batch = {k: v for k, v in batch.items() if k != "compression"}
+        self.load(module)
         full, loss_full = self.gradient(batch, step, FULL)
+        self.load(module)  # again: a forward may update state (DINO's centre), both passes start from the same
         compressed, loss_compressed = self.gradient(batch, step, setting)
         cosine, rel_error = gradient_error(compressed, full)
         return {"compression/grad_cosine": cosine, "compression/grad_rel_error": rel_error,

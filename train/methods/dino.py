@@ -9,8 +9,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
-from train.methods.invariance import crop_major, require_views
+from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import DINOHead, linear_flops
 from train.models.vit import ViTEncoder
@@ -79,7 +80,11 @@ def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float)
 
 
 class DINO(nn.Module):
+    """Compression (train/compression.py): token dropout on the student's crops, patch scaling on every crop
+    of student and teacher (the teacher always sees every token of its grid)."""
+
     Config = DINOConfig
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -117,16 +122,19 @@ class DINO(nn.Module):
         return cosine_momentum(step, self.total_steps, self.cfg.momentum_teacher)
 
     def forward(self, batch: dict, step: int = 0):
-        views = batch["views"]
+        views, compression = batch["views"], batch.get("compression", FULL)
         b, device = views.shape[0], views.device
         global_crops = crop_major(views)
         crops = [global_crops] + ([crop_major(batch["local_views"])] if "local_views" in batch else [])
-        features = torch.cat([self.encoder(c, pool="token") for c in crops])  # one pass per resolution
+        # one pass per resolution; each draws its own token-dropout subsets
+        features = torch.cat([encode(self.encoder, crop, compression, stream=i, pool="token")
+                              for i, crop in enumerate(crops)])
         student = self.head(features, freeze_last_layer=step < self.freeze_steps).unflatten(0, (-1, b))
         with torch.no_grad():
             teacher = self.teacher.on(device)
             with autocast_like(self.encoder, device):
-                teacher_out = teacher["head"](teacher["encoder"](global_crops, pool="token")).unflatten(0, (2, b))
+                features = encode(teacher["encoder"], global_crops, compression, dropout=False, pool="token")
+                teacher_out = teacher["head"](features).unflatten(0, (2, b))
         self.center = self.center.to(device)
         temp = self.teacher_temp_at(step)
         loss = dino_loss(student, teacher_out, self.center, self.cfg.student_temp, temp)
@@ -152,12 +160,16 @@ class DINO(nn.Module):
         self.teacher.load_state_dict(state["teacher"])
         self.center = state["center"].float()
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Student forward + backward (x3) on every crop, teacher forward on the two global crops."""
-        head = linear_flops(self.head)
-        global_crop = self.encoder.forward_flops(self.encoder.num_patches) + head
-        local_crop = self.encoder.forward_flops((self.local_size // self.encoder.patch_size) ** 2) + head
-        return 3 * (2 * global_crop + self.local_crops * local_crop) + 2 * global_crop
+        enc, head, size = self.encoder, linear_flops(self.head), self.encoder.cfg.img_size
+        global_crop = enc.forward_flops(encoded_tokens(enc, size, compression)) + head
+        local_crop = enc.forward_flops(encoded_tokens(enc, self.local_size, compression)) + head
+        teacher_crop = enc.forward_flops(encoded_tokens(enc, size, compression, dropout=False)) + head
+        return 3 * (2 * global_crop + self.local_crops * local_crop) + 2 * teacher_crop
 
-    def tokens_per_image(self) -> int:
-        return 2 * self.encoder.num_patches + self.local_crops * (self.local_size // self.encoder.patch_size) ** 2
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        """Patch tokens through the student (2 global + N local crops)."""
+        enc = self.encoder
+        return (2 * encoded_tokens(enc, enc.cfg.img_size, compression)
+                + self.local_crops * encoded_tokens(enc, self.local_size, compression))

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
+from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
@@ -46,7 +47,11 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, rank: int
 
 
 class MoCoV3(nn.Module):
+    """Compression (train/compression.py): token dropout on the query encoder's views, patch scaling on both
+    encoders (the momentum encoder always sees every token of its grid), as the compression paper does."""
+
     Config = MoCoV3Config
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -76,12 +81,14 @@ class MoCoV3(nn.Module):
         return self.cfg.momentum
 
     def forward(self, batch: dict, step: int = 0):
-        x = crop_major(batch["views"])
-        q1, q2 = (self.predictor(self.projector(f)) for f in self.encoder(x, pool="token").chunk(2))
+        x, compression = crop_major(batch["views"]), batch.get("compression", FULL)
+        queries = encode(self.encoder, x, compression, pool="token")
+        q1, q2 = (self.predictor(self.projector(f)) for f in queries.chunk(2))
         with torch.no_grad():
             teacher = self.teacher.on(x.device)
             with autocast_like(self.encoder, x.device):
-                k1, k2 = (teacher["projector"](f) for f in teacher["encoder"](x, pool="token").chunk(2))
+                keys = encode(teacher["encoder"], x, compression, dropout=False, pool="token")
+                k1, k2 = (teacher["projector"](f) for f in keys.chunk(2))
         t, rank = self.cfg.temperature, process_rank()
         loss = (moco_v3_loss(q1, all_gather_with_grad(k2.float()), t, rank)
                 + moco_v3_loss(q2, all_gather_with_grad(k1.float()), t, rank))
@@ -97,11 +104,14 @@ class MoCoV3(nn.Module):
     def set_extra_state(self, state: dict) -> None:
         self.teacher.load_state_dict(state["teacher"])
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Two views: query path forward + backward (x3), momentum path forward only."""
-        enc = self.encoder.forward_flops(self.encoder.num_patches)
+        size = self.encoder.cfg.img_size
+        query = self.encoder.forward_flops(encoded_tokens(self.encoder, size, compression))
+        key = self.encoder.forward_flops(encoded_tokens(self.encoder, size, compression, dropout=False))
         proj, pred = linear_flops(self.projector), linear_flops(self.predictor)
-        return 2 * (3 * (enc + proj + pred) + enc + proj)
+        return 2 * (3 * (query + proj + pred) + key + proj)
 
-    def tokens_per_image(self) -> int:
-        return 2 * self.encoder.num_patches
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        """Patch tokens through the query encoder (two views)."""
+        return 2 * encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)

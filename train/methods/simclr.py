@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
+from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
 
@@ -47,7 +48,10 @@ def nt_xent_loss(z: torch.Tensor, z_all: torch.Tensor, temperature: float, rank:
 
 
 class SimCLR(nn.Module):
+    """Compression (train/compression.py): token dropout and patch scaling on both views."""
+
     Config = SimCLRConfig
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -59,13 +63,15 @@ class SimCLR(nn.Module):
 
     def forward(self, batch: dict, step: int = 0):
         # both views in one batch, as SimCLR normalises them together in its (global) BatchNorm
-        z = self.projector(self.encoder(crop_major(batch["views"]), pool="token")).float()
+        features = encode(self.encoder, crop_major(batch["views"]), batch.get("compression", FULL), pool="token")
+        z = self.projector(features).float()
         loss = nt_xent_loss(z, all_gather_with_grad(z), self.cfg.temperature, process_rank())
         return loss, {"loss": loss.detach()}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Two views, forward + backward (x3)."""
-        return 2 * 3 * (self.encoder.forward_flops(self.encoder.num_patches) + linear_flops(self.projector))
+        tokens = encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)
+        return 2 * 3 * (self.encoder.forward_flops(tokens) + linear_flops(self.projector))
 
-    def tokens_per_image(self) -> int:
-        return 2 * self.encoder.num_patches
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return 2 * encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)
