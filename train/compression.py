@@ -87,12 +87,6 @@ class Setting:
             return num_tokens
         return max(1, int(num_tokens * self.keep_ratio + 1e-6))
 
-    def num_tokens(self, encoder, image_size: int | None = None) -> int:
-        """Patch tokens of a square `image_size` image (default: the model's) at this setting's patch size."""
-        size = image_size or encoder.cfg.img_size
-        grid = patch_grid((size, size), self.patch_size or encoder.patch_size)
-        return grid[0] * grid[1]
-
     def keep_ids(self, batch_size: int, num_tokens: int, device: torch.device, stream: int = 0):
         """Indices (B, K) of a uniformly random subset of each sample's tokens, or None when all are kept.
 
@@ -256,7 +250,7 @@ class GradientDiagnostic:
         batch = {k: v for k, v in batch.items() if k != "compression"}
         self.load(module)
         full, loss_full = self.gradient(batch, step, FULL)
-        self.load(module)  # a forward may update state (DINO's center): both passes start from the live one
+        self.load(module)  # again: a forward may update state (DINO's centre), both passes start from the same
         compressed, loss_compressed = self.gradient(batch, step, setting)
         cosine, rel_error = gradient_error(compressed, full)
         return {"compression/grad_cosine": cosine, "compression/grad_rel_error": rel_error,

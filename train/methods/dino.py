@@ -11,7 +11,7 @@ from torch import nn
 
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
-from train.methods.invariance import crop_major, require_views
+from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import DINOHead, linear_flops
 from train.models.vit import ViTEncoder
@@ -80,8 +80,8 @@ def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float)
 
 
 class DINO(nn.Module):
-    """Compression (train/compression.py): token dropout on the student's crops (each crop set draws its own
-    subset), the teacher sees every token; patch scaling on every crop of both networks."""
+    """Compression (train/compression.py): token dropout on the student's crops, patch scaling on every crop
+    of student and teacher (the teacher always sees every token of its grid)."""
 
     Config = DINOConfig
     supported_compression = ("token_dropout", "patch_scaling")
@@ -122,13 +122,13 @@ class DINO(nn.Module):
         return cosine_momentum(step, self.total_steps, self.cfg.momentum_teacher)
 
     def forward(self, batch: dict, step: int = 0):
-        views = batch["views"]
+        views, compression = batch["views"], batch.get("compression", FULL)
         b, device = views.shape[0], views.device
         global_crops = crop_major(views)
         crops = [global_crops] + ([crop_major(batch["local_views"])] if "local_views" in batch else [])
-        compression = batch.get("compression", FULL)
-        features = torch.cat([encode(self.encoder, c, compression, stream=i, pool="token")
-                              for i, c in enumerate(crops)])  # one pass per resolution
+        # one pass per resolution; each draws its own token-dropout subsets
+        features = torch.cat([encode(self.encoder, crop, compression, stream=i, pool="token")
+                              for i, crop in enumerate(crops)])
         student = self.head(features, freeze_last_layer=step < self.freeze_steps).unflatten(0, (-1, b))
         with torch.no_grad():
             teacher = self.teacher.on(device)
@@ -161,15 +161,15 @@ class DINO(nn.Module):
         self.center = state["center"].float()
 
     def flops_per_image(self, compression: Setting = FULL) -> float:
-        """Student forward + backward (x3) on every crop, teacher forward on the two global crops (all tokens)."""
-        head, enc = linear_flops(self.head), self.encoder.forward_flops
-        global_tokens = compression.num_tokens(self.encoder)
-        local_tokens = compression.num_tokens(self.encoder, self.local_size)
-        student = (2 * enc(compression.num_kept(global_tokens))
-                   + self.local_crops * enc(compression.num_kept(local_tokens)) + (2 + self.local_crops) * head)
-        return 3 * student + 2 * (enc(global_tokens) + head)
+        """Student forward + backward (x3) on every crop, teacher forward on the two global crops."""
+        enc, head, size = self.encoder, linear_flops(self.head), self.encoder.cfg.img_size
+        global_crop = enc.forward_flops(encoded_tokens(enc, size, compression)) + head
+        local_crop = enc.forward_flops(encoded_tokens(enc, self.local_size, compression)) + head
+        teacher_crop = enc.forward_flops(encoded_tokens(enc, size, compression, dropout=False)) + head
+        return 3 * (2 * global_crop + self.local_crops * local_crop) + 2 * teacher_crop
 
     def tokens_per_image(self, compression: Setting = FULL) -> int:
-        """Tokens through the student's encoder."""
-        return (2 * compression.num_kept(compression.num_tokens(self.encoder))
-                + self.local_crops * compression.num_kept(compression.num_tokens(self.encoder, self.local_size)))
+        """Patch tokens through the student (2 global + N local crops)."""
+        enc = self.encoder
+        return (2 * encoded_tokens(enc, enc.cfg.img_size, compression)
+                + self.local_crops * encoded_tokens(enc, self.local_size, compression))

@@ -5,7 +5,9 @@ import logging
 import torch
 import torch.distributed as dist
 
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError
+from train.models.vit import ViTEncoder, patch_grid
 
 log = logging.getLogger("train")
 
@@ -34,3 +36,9 @@ def warn_if_accumulating(cfg: Config, method: str) -> None:
         log.warning("%s with gradient accumulation: the contrastive negatives come from each micro-batch of %d "
                     "images (data.batch_size x world size), not from train.global_batch_size=%d", method, per_step,
                     cfg.train.global_batch_size)
+
+
+def encoded_tokens(encoder: ViTEncoder, image_size: int, compression: Setting = FULL, dropout: bool = True) -> int:
+    """Patch tokens `encoder` processes for one `image_size` crop under `compression` (`train.compression.encode`)."""
+    grid = patch_grid((image_size, image_size), compression.patch_size or encoder.patch_size)
+    return compression.num_kept(grid[0] * grid[1]) if dropout else grid[0] * grid[1]

@@ -10,7 +10,7 @@ from torch import nn
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
+from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
@@ -47,8 +47,8 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, rank: int
 
 
 class MoCoV3(nn.Module):
-    """Compression (train/compression.py): token dropout on the query branch only (the momentum branch sees
-    every token, as in Lin et al.); patch scaling on both."""
+    """Compression (train/compression.py): token dropout on the query encoder's views, patch scaling on both
+    encoders (the momentum encoder always sees every token of its grid), as the compression paper does."""
 
     Config = MoCoV3Config
     supported_compression = ("token_dropout", "patch_scaling")
@@ -105,12 +105,13 @@ class MoCoV3(nn.Module):
         self.teacher.load_state_dict(state["teacher"])
 
     def flops_per_image(self, compression: Setting = FULL) -> float:
-        """Two views: query path forward + backward (x3), momentum path forward only (all tokens)."""
-        grid_tokens = compression.num_tokens(self.encoder)
-        query = self.encoder.forward_flops(compression.num_kept(grid_tokens))
-        key = self.encoder.forward_flops(grid_tokens)
+        """Two views: query path forward + backward (x3), momentum path forward only."""
+        size = self.encoder.cfg.img_size
+        query = self.encoder.forward_flops(encoded_tokens(self.encoder, size, compression))
+        key = self.encoder.forward_flops(encoded_tokens(self.encoder, size, compression, dropout=False))
         proj, pred = linear_flops(self.projector), linear_flops(self.predictor)
         return 2 * (3 * (query + proj + pred) + key + proj)
 
     def tokens_per_image(self, compression: Setting = FULL) -> int:
-        return 2 * compression.num_kept(compression.num_tokens(self.encoder))
+        """Patch tokens through the query encoder (two views)."""
+        return 2 * encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)

@@ -10,7 +10,7 @@ from torch import nn
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, process_rank, require_views, warn_if_accumulating
+from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
 
@@ -48,8 +48,10 @@ def nt_xent_loss(z: torch.Tensor, z_all: torch.Tensor, temperature: float, rank:
 
 
 class SimCLR(nn.Module):
+    """Compression (train/compression.py): token dropout and patch scaling on both views."""
+
     Config = SimCLRConfig
-    supported_compression = ("token_dropout", "patch_scaling")  # both views get gradients: both drop tokens
+    supported_compression = ("token_dropout", "patch_scaling")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -68,8 +70,8 @@ class SimCLR(nn.Module):
 
     def flops_per_image(self, compression: Setting = FULL) -> float:
         """Two views, forward + backward (x3)."""
-        per_view = self.encoder.forward_flops(self.tokens_per_image(compression) // 2)
-        return 2 * 3 * (per_view + linear_flops(self.projector))
+        tokens = encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)
+        return 2 * 3 * (self.encoder.forward_flops(tokens) + linear_flops(self.projector))
 
     def tokens_per_image(self, compression: Setting = FULL) -> int:
-        return 2 * compression.num_kept(compression.num_tokens(self.encoder))
+        return 2 * encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)
