@@ -219,9 +219,20 @@ AUX_KEYS = ("train/loss", "train/rec_loss", "train/head_loss", "train/val_loss",
             "train/hypergrad_norm")
 
 
+def resume_from_step_3(cfg, source_dir):
+    """Run `cfg` from a copy of `source_dir`'s step-3 checkpoint: (its metrics of steps 4-6, the run result)."""
+    ckpts = cfg.output_dir / "checkpoints"
+    shutil.copytree(source_dir / "checkpoints" / "step_00000003", ckpts / "step_00000003")
+    (ckpts / "latest").write_text("step_00000003")
+    result = train(cfg)
+    rest = read_metrics(cfg.output_dir)
+    assert sorted(rest) == [4, 5, 6]
+    return rest, result
+
+
 def test_resume_exact_zero3_parity_no_leaks_and_tensorboard(make_cfg, tmp_path):
     common = [*MLO, "train.steps=6", "run.ckpt_every=3"]
-    straight = make_cfg(*common, "run.keep_last=3", "run.image_every=3", name="straight")
+    straight = make_cfg(*common, "run.image_every=3", name="straight")
     train(straight)
     full = read_metrics(straight.output_dir)
     assert all(full[s]["train/hypergrad_norm"] > 0 for s in full)
@@ -229,23 +240,22 @@ def test_resume_exact_zero3_parity_no_leaks_and_tensorboard(make_cfg, tmp_path):
     assert set(AUX_KEYS) | {"perf/aux_fraction"} <= scalars and "images/mask_probability" in images
 
     # resume from step 3: levels 2/3 (head, masking network, their optimizers, their streams) continue exactly
-    resumed = make_cfg(*common, name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    shutil.copytree(straight.output_dir / "checkpoints" / "step_00000003", ckpts / "step_00000003")
-    (ckpts / "latest").write_text("step_00000003")
-    train(resumed)
-    rest = read_metrics(resumed.output_dir)
-    assert sorted(rest) == [4, 5, 6]
+    rest, _ = resume_from_step_3(make_cfg(*common, name="resumed"), straight.output_dir)
     for key in AUX_KEYS:
         assert [rest[s][key] for s in rest] == pytest.approx([full[s][key] for s in rest], rel=1e-6, abs=1e-7), key
 
-    # ZeRO-3 with every parameter partitioned: the same run, level by level
-    zero3 = make_cfg(*common, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="zero3")
-    result = train(zero3)
+    # ZeRO-3 with every parameter partitioned: the same run, level by level, and its own exact resume
+    zero3_config = f"train.deepspeed={fully_partitioned_zero3(tmp_path)}"
+    zero3 = make_cfg(*common, zero3_config, name="zero3")
+    train(zero3)
     sharded = read_metrics(zero3.output_dir)
     for key in AUX_KEYS:
         assert [sharded[s][key] for s in sharded] == pytest.approx([full[s][key] for s in full], rel=1e-4,
                                                                    abs=1e-5), key
+    rest, result = resume_from_step_3(make_cfg(*common, zero3_config, name="zero3_resumed"), zero3.output_dir)
+    for key in AUX_KEYS:
+        assert [rest[s][key] for s in rest] == pytest.approx([sharded[s][key] for s in rest], rel=1e-6,
+                                                             abs=1e-7), key
 
     # levels 2 and 3 leave every parameter, gradient and optimizer state DeepSpeed owns bit-identical
     engine, method = result.engine, result.engine.module
