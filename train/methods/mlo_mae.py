@@ -205,7 +205,7 @@ def mask_hypergradient(encoder: ViTEncoder, decoder: MAEDecoder, masker: nn.Modu
         return per_patch_loss(decoder(functional_call(encoder, params, (images, ids_keep)), ids_restore), target,
                               norm_pix_loss)
 
-    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
+    with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), native_linear():
         _, directional = jvp(patch_losses, (primals,), (dict(zip(names, v)),))
     probs = torch.sigmoid(masker(images).float())
     surrogate = -unroll_lr * weighted_mae_loss(directional.float(), mask, probs, normalize_weights)
