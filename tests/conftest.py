@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -105,9 +106,19 @@ def make_cfg(tmp_path, digits_dir):
 
 
 def read_metrics(out_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl of a run as step -> values (the last line of a step wins)."""
+    """metrics.jsonl of a run as step -> values (lines of the same step merged, later values win)."""
     rows = {}
     for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        rows[row["step"]] = row
+        rows.setdefault(row["step"], {}).update(row)
     return rows
+
+
+def seed_checkpoint(cfg, source_dir: Path, step: int) -> None:
+    """Give run `cfg` a copy of `source_dir`'s step-`step` checkpoint as its latest, so train(cfg) resumes there."""
+    from train.checkpoint import tag_for
+
+    tag = tag_for(step)
+    ckpts = Path(cfg.output_dir) / "checkpoints"
+    shutil.copytree(Path(source_dir) / "checkpoints" / tag, ckpts / tag)
+    (ckpts / "latest").write_text(tag)

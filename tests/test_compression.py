@@ -14,7 +14,7 @@ from test_launch import command, run_env
 from test_mapet import codebook, mapet_cfg  # noqa: F401 (fixtures)
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from conftest import REPO
+from conftest import REPO, read_metrics, seed_checkpoint
 from data_pipeline.augment import SingleView
 from data_pipeline.stream import StreamLoader, resolve_shards, to_device
 from train.checkpoint import load_weights
@@ -386,20 +386,12 @@ def plain_compressed_losses(cfg, steps: int) -> list[float]:
     return out
 
 
-def jsonl(out_dir) -> dict[int, dict]:
-    rows = {}
-    for line in (out_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
-
-
 def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(make_cfg, tmp_path):
     steps = 4
     common = [*SCHEDULED, f"train.steps={steps}", "compression.diagnose_every=2"]
     zero3 = make_cfg(*common, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="z3")
     train(zero3)
-    rows = jsonl(zero3.output_dir)
+    rows = read_metrics(zero3.output_dir)
     # the logged setting of step s is the one its batch was trained with, at progress (s - 1) / steps
     assert [rows[s]["compression/patch_size"] for s in (1, 2, 3, 4)] == [8, 8, 4, 4]
     assert [rows[s]["compression/keep_ratio"] for s in (1, 2, 3, 4)] == pytest.approx([0.5, 0.625, 0.75, 0.875])
@@ -413,7 +405,7 @@ def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(mak
     zero1 = make_cfg(*common, name="z1")
     zero1_weights = train(zero1).engine.module.state_dict()
     for s in (2, 4):
-        assert jsonl(zero1.output_dir)[s]["compression/grad_cosine"] == pytest.approx(
+        assert read_metrics(zero1.output_dir)[s]["compression/grad_cosine"] == pytest.approx(
             rows[s]["compression/grad_cosine"], rel=1e-4)
     # the partitioned checkpoint loads into a plain module (what the sweep measures)
     torch.manual_seed(1)
@@ -428,12 +420,9 @@ def test_compressed_resume_retraces_the_uninterrupted_run(make_cfg):
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
     train(straight)
     resumed = make_cfg(*common, name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    ckpts.mkdir(parents=True)
-    (ckpts / "step_00000003").symlink_to(straight.output_dir / "checkpoints" / "step_00000003")
-    (ckpts / "latest").write_text("step_00000003")
+    seed_checkpoint(resumed, straight.output_dir, 3)
     train(resumed)
-    full, rest = jsonl(straight.output_dir), jsonl(resumed.output_dir)
+    full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "compression/patch_size", "compression/keep_ratio"):
         assert [rest[s][key] for s in rest] == pytest.approx([full[s][key] for s in rest], rel=1e-6), key
@@ -498,8 +487,8 @@ def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     assert bench(["learn", *overrides]) == 0
     check = json.loads((cfg.output_dir / "learning_check.json").read_text())
     assert check["full"]["steps"] == check["compressed"]["steps"] == 4 and check["flops_speedup"] > 1
-    assert not any("compression/keep_ratio" in r for r in jsonl(cfg.output_dir / "full").values())
-    assert jsonl(cfg.output_dir / "compressed")[1]["compression/keep_ratio"] == 0.5
+    assert not any("compression/keep_ratio" in r for r in read_metrics(cfg.output_dir / "full").values())
+    assert read_metrics(cfg.output_dir / "compressed")[1]["compression/keep_ratio"] == 0.5
     assert "k-NN -1.5 points, linear +1.0 points" in capsys.readouterr().out
 
 
@@ -511,6 +500,6 @@ def test_two_ranks_zero3_compressed_with_diagnostic(tmp_path, digits_dir):
                                   f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", launcher=launcher),
                           cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = jsonl(tmp_path / "run")
+    rows = read_metrics(tmp_path / "run")
     assert sorted(rows) == [1, 2] and [rows[s]["compression/patch_size"] for s in (1, 2)] == [8, 4]
     assert all(-1 < rows[s]["compression/grad_cosine"] < 1 for s in (1, 2))

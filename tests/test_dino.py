@@ -1,14 +1,13 @@
 """DINO: loss and centre by hand, schedules, the head's frozen last layer, multi-crop sizes, ZeRO-3 and resume."""
 
 import math
-import shutil
 
 import pytest
 import torch
 import torch.nn.functional as F
 from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics
+from conftest import read_metrics, seed_checkpoint
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.methods import build_method
@@ -133,9 +132,7 @@ def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     assert method.center.abs().sum() > 0 and method.freeze_steps == 2
 
     resumed = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    shutil.copytree(zero3.output_dir / "checkpoints" / "step_00000003", ckpts / "step_00000003")
-    (ckpts / "latest").write_text("step_00000003")
+    seed_checkpoint(resumed, zero3.output_dir, 3)
     again = train(resumed).engine.module
     rest = read_metrics(resumed.output_dir)
     assert sorted(rest) == [4, 5, 6]

@@ -1,13 +1,12 @@
 """EMA teachers held outside DeepSpeed: fp32 under bf16, correct under ZeRO-3, saved with checkpoints."""
 
-import shutil
 from dataclasses import dataclass
 
 import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics
+from conftest import read_metrics, seed_checkpoint
 from train.engine import train
 from train.methods import METHODS
 from train.models.ema import EMA
@@ -94,9 +93,7 @@ def test_teacher_is_checkpointed_and_resume_is_exact(make_cfg, toy_method, stage
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
     train(straight)
     resumed = make_cfg(*common, name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    shutil.copytree(straight.output_dir / "checkpoints" / "step_00000003", ckpts / "step_00000003")
-    (ckpts / "latest").write_text("step_00000003")
+    seed_checkpoint(resumed, straight.output_dir, 3)
     train(resumed)
     full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
     assert sorted(rest) == [4, 5, 6]

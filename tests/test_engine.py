@@ -1,10 +1,9 @@
 import json
-import shutil
 
 import pytest
 import torch
 
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, seed_checkpoint
 from data_pipeline.augment import SingleView
 from data_pipeline.stream import StreamLoader, resolve_shards, to_device
 from train import checkpoint
@@ -73,9 +72,7 @@ def test_resume_continues_the_same_curve(make_cfg, tmp_path):
     assert len(full) == 8
     # a second run that only has the step-4 checkpoint resumes from it ("auto") and must retrace steps 5..8
     resumed = make_cfg("train.steps=8", "run.ckpt_every=4", name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    shutil.copytree(straight.output_dir / "checkpoints" / "step_00000004", ckpts / "step_00000004")
-    (ckpts / "latest").write_text("step_00000004")
+    seed_checkpoint(resumed, straight.output_dir, 4)
     result = train(resumed)
     assert result.steps == 8
     rows = read_metrics(resumed.output_dir)

@@ -11,7 +11,7 @@ import torch
 from test_engine import fully_partitioned_zero3
 from test_launch import run_env
 
-from conftest import REPO
+from conftest import REPO, seed_checkpoint
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.eval.export import export
@@ -235,7 +235,6 @@ def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir,
 
 
 def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(make_cfg, mae_run, tmp_path):
-    import shutil
 
     def train_losses(out_dir) -> dict[int, float]:  # evaluation rows share the step: keep the training ones
         rows = [json.loads(line) for line in (out_dir / "metrics.jsonl").read_text().splitlines()]
@@ -247,9 +246,7 @@ def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(m
     train(straight, evaluate=live_logits_hook({}, torch.randn(2, 3, 16, 16)))  # evaluation must not shift RNGs
     full = train_losses(straight.output_dir)
     resumed = make_cfg(*args, name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    shutil.copytree(straight.output_dir / "checkpoints" / "step_00000002", ckpts / "step_00000002")
-    (ckpts / "latest").write_text("step_00000002")
+    seed_checkpoint(resumed, straight.output_dir, 2)
     train(resumed)
     rows = train_losses(resumed.output_dir)
     assert sorted(rows) == [3, 4] and sorted(full) == [1, 2, 3, 4]

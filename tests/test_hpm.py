@@ -2,14 +2,13 @@
 
 import math
 import re
-import shutil
 
 import pytest
 import torch
 from scipy.stats import kendalltau
 from test_engine import fully_partitioned_zero3, losses, plain_pytorch_losses
 
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, seed_checkpoint
 from train.config import ConfigError, load_config
 from train.engine import train
 from train.methods import build_method
@@ -216,9 +215,7 @@ def test_resume_retraces_the_same_curve(make_cfg):
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
     train(straight)
     resumed = make_cfg(*common, name="resumed")
-    ckpts = resumed.output_dir / "checkpoints"
-    shutil.copytree(straight.output_dir / "checkpoints" / "step_00000003", ckpts / "step_00000003")
-    (ckpts / "latest").write_text("step_00000003")
+    seed_checkpoint(resumed, straight.output_dir, 3)
     train(resumed)
     full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
     assert sorted(rest) == [4, 5, 6]

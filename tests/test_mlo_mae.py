@@ -3,7 +3,6 @@ DeepSpeed owns, exact resume, ZeRO-3 parity, TensorBoard panels, and a learning 
 
 import copy
 import io
-import shutil
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from test_engine import fully_partitioned_zero3
 from torch import nn
 from torch.func import functional_call
 
-from conftest import REPO, read_metrics
+from conftest import REPO, read_metrics, seed_checkpoint
 from data_pipeline.shards import Sample, write_shards
 from train.config import ConfigError, ModelConfig, load_config
 from train.engine import train
@@ -221,9 +220,7 @@ AUX_KEYS = ("train/loss", "train/rec_loss", "train/head_loss", "train/val_loss",
 
 def resume_from_step_3(cfg, source_dir):
     """Run `cfg` from a copy of `source_dir`'s step-3 checkpoint: (its metrics of steps 4-6, the run result)."""
-    ckpts = cfg.output_dir / "checkpoints"
-    shutil.copytree(source_dir / "checkpoints" / "step_00000003", ckpts / "step_00000003")
-    (ckpts / "latest").write_text("step_00000003")
+    seed_checkpoint(cfg, source_dir, 3)
     result = train(cfg)
     rest = read_metrics(cfg.output_dir)
     assert sorted(rest) == [4, 5, 6]
