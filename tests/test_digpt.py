@@ -3,13 +3,15 @@ feature loss, and training through the engine under ZeRO-1 and fully partitioned
 
 import pytest
 import torch
+import torch.nn.functional as F
 from test_engine import fully_partitioned_zero3
+from torch import nn
 
 from conftest import read_metrics
 from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
-from train.methods.digpt import causal_masks, digpt_targets, feature_loss, segment_patches
+from train.methods.digpt import FeaturePredictor, causal_masks, digpt_targets, feature_loss, segment_patches, tap_blocks
 
 
 @pytest.fixture
@@ -23,7 +25,7 @@ def digpt_cfg(make_cfg, clip_teacher):
 def test_segments_and_block_causal_masks():
     assert segment_patches(4, 2).tolist() == [[0, 1, 4, 5], [2, 3, 6, 7], [8, 9, 12, 13], [10, 11, 14, 15]]
     assert segment_patches(4, 4).flatten().tolist() == list(range(16))  # one patch per segment: raster iGPT
-    encoder, decoder = causal_masks(num_input_segments=3, segment_len=2)
+    encoder, queries_self, queries_cross = causal_masks(num_input_segments=3, segment_len=2)
     segment = [None, 0, 0, 1, 1, 2, 2]  # encoder tokens: class token, then the input patches
     for i, row in enumerate(segment):
         for j, col in enumerate(segment):
@@ -31,11 +33,154 @@ def test_segments_and_block_causal_masks():
             expected = row is None or (col is not None and col <= row)
             assert encoder[i, j] == expected, (i, j)
     queries = [0, 0, 1, 1, 2, 2, None]  # one query per input patch's context, the class query last
-    assert decoder.shape == (7 + 7, 7 + 7)
-    assert torch.equal(decoder[:7, :7], encoder) and not decoder[:7, 7:].any()  # encoder tokens never see queries
+    assert queries_self.shape == (7, 7) and queries_cross.shape == (7, 7)
     for i, row in enumerate(queries):
-        for j, col in enumerate(segment + queries):
-            assert decoder[7 + i, j] == (row is None or (col is not None and col <= row)), (i, j)
+        for j, col in enumerate(queries):
+            assert queries_self[i, j] == (row is None or (col is not None and col <= row)), (i, j)
+        for j, col in enumerate(segment):
+            assert queries_cross[i, j] == (row is None or (col is not None and col <= row)), (i, j)
+
+
+def official_mask(num_segments: int, segment_len: int) -> torch.Tensor:
+    """The official additive mask over [patches of the input segments, class token] (models_digpt.py
+    mask_generate), except that no patch sees the class token (the project's one documented difference)."""
+    mask = torch.tril(torch.ones(num_segments, num_segments))
+    mask = mask.masked_fill(mask == 0, float("-inf")).masked_fill(mask == 1, 0)
+    mask = mask.repeat_interleave(segment_len, dim=0).repeat_interleave(segment_len, dim=1)
+    mask = F.pad(mask[None, None], (0, 1, 0, 1), mode="reflect")[0, 0]
+    mask[:-1, -1] = float("-inf")
+    return mask
+
+
+def official_attention(x, kv, qkv_weights, proj, heads, mask):
+    """vit.py Attention / CrossAttention: softmax(q k^T * scale + mask) v, then the output projection."""
+    b, n, c = x.shape
+    q, k, v = (F.linear(t, w, bias).reshape(b, t.shape[1], heads, c // heads).transpose(1, 2)
+               for t, (w, bias) in zip((x, kv, kv), qkv_weights))
+    attn = ((q @ k.transpose(-2, -1)) * (c // heads) ** -0.5 + mask).softmax(dim=-1)
+    return F.linear((attn @ v).transpose(1, 2).reshape(b, n, c), proj.weight, proj.bias)
+
+
+def official_decoder(decoder, features, target_ids, segment_len):
+    """models_digpt.py forward_encoder (enc_norm, enc2dec) + forward_decoder (DecoderBlock x depth, norm, pred),
+    written out from the official definition with `decoder`'s weights, in the official token layout
+    (class token last in the latent)."""
+    b = target_ids.shape[0]
+    dim, depth = decoder.dim, decoder.depth
+    norm = decoder.encoder_norm  # ONE LayerNorm for the four taps (ModuleList([LayerNorm] * 4))
+    official = [torch.cat([f[:, 1:], f[:, :1]], dim=1) for f in features]  # [patches, cls]
+    x = torch.cat([F.layer_norm(f, f.shape[-1:], norm.weight, norm.bias, 1e-5) for f in official], dim=-1)
+    latent = F.linear(x, decoder.encoder_to_latents.weight, decoder.encoder_to_latents.bias)
+    latent = latent.reshape(b, -1, dim, depth)
+    pos = decoder.pos_embed
+    q = torch.cat([decoder.query + pos[0, 1:][target_ids], (decoder.query + pos[:, :1]).expand(b, -1, -1)], dim=1)
+    mask = official_mask(features[0].shape[1] // segment_len, segment_len)
+
+    def ln(module, t):
+        return F.layer_norm(t, t.shape[-1:], module.weight, module.bias, 1e-6)
+
+    for count, blk in enumerate(decoder.blocks):
+        kv = latent[:, :, :, count]
+        w, bias = blk.attn.qkv.weight.chunk(3), blk.attn.qkv.bias.chunk(3)
+        h = ln(blk.norm1, q)
+        q = q + official_attention(h, h, list(zip(w, bias)), blk.attn.proj, blk.attn.num_heads, mask)
+        kw, kb = blk.cross_attn.kv.weight.chunk(2), blk.cross_attn.kv.bias.chunk(2)
+        cross = [(blk.cross_attn.q.weight, blk.cross_attn.q.bias), (kw[0], kb[0]), (kw[1], kb[1])]
+        q = q + official_attention(ln(blk.norm_query, q), ln(blk.norm_latent, kv), cross, blk.cross_attn.proj,
+                                   blk.cross_attn.num_heads, mask)
+        mlp = blk.mlp
+        q = q + F.linear(F.gelu(F.linear(ln(blk.norm2, q), mlp.fc1.weight, mlp.fc1.bias)), mlp.fc2.weight, mlp.fc2.bias)
+    return F.linear(ln(decoder.norm, q), decoder.pred.weight, decoder.pred.bias)
+
+
+def tiny_decoder(depth=2, num_taps=4):
+    torch.manual_seed(0)
+    decoder = FeaturePredictor((4, 4), encoder_dim=12, num_taps=num_taps, dim=16, depth=depth, num_heads=4,
+                               out_dim=10).eval()
+    with torch.no_grad():  # non-trivial norms, biases and tokens
+        for name, p in decoder.named_parameters():
+            if name.endswith("bias") or "norm" in name or name == "query":
+                p.add_(0.3 * torch.randn_like(p))
+    return decoder
+
+
+def test_decoder_is_the_official_multi_level_cross_attention_decoder():
+    decoder = tiny_decoder()
+    # one LayerNorm for all taps, one Linear to depth x dim, each layer cross-attends to its own latent
+    assert sum(isinstance(m, nn.LayerNorm) and m.normalized_shape == (12,) for m in decoder.modules()) == 1
+    assert decoder.encoder_to_latents.in_features == 4 * 12 and decoder.encoder_to_latents.out_features == 2 * 16
+    segment_len, num_input = 4, 12
+    features = [torch.randn(2, 1 + num_input, 12) for _ in range(4)]
+    target_ids = torch.stack([torch.randperm(16)[:num_input] for _ in range(2)])
+    _, self_mask, cross_mask = causal_masks(3, segment_len)
+    with torch.no_grad():
+        ours = decoder(features, target_ids, self_mask, cross_mask)
+        reference = official_decoder(decoder, features, target_ids, segment_len)
+    assert ours.shape == (2, num_input + 1, 10)
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    # each layer reads its own slice of the projection: swapping the layers' latents changes the output
+    with torch.no_grad():
+        w = decoder.encoder_to_latents.weight.view(16, 2, -1)
+        decoder.encoder_to_latents.weight.copy_(w.flip(1).reshape(32, -1))
+        assert not torch.allclose(decoder(features, target_ids, self_mask, cross_mask), ours, atol=1e-4)
+
+
+def test_a_later_segment_never_changes_an_earlier_prediction_through_the_cross_attention():
+    decoder = tiny_decoder()
+    segment_len = 4
+    _, self_mask, cross_mask = causal_masks(3, segment_len)
+    features = [torch.randn(2, 13, 12) for _ in range(4)]
+    target_ids = torch.stack([torch.randperm(16)[:12] for _ in range(2)])
+    with torch.no_grad():
+        base = decoder(features, target_ids, self_mask, cross_mask)
+        for segment in range(3):
+            changed = [f.clone() for f in features]
+            tokens = slice(1 + segment * segment_len, 1 + (segment + 1) * segment_len)  # latent: cls first
+            changed[segment % 4][:, tokens] += torch.randn(2, segment_len, 12)  # one tap of this segment
+            after = decoder(changed, target_ids, self_mask, cross_mask)
+            earlier = segment * segment_len  # queries whose context ends before this segment
+            assert torch.equal(after[:, :earlier], base[:, :earlier])
+            assert (after[:, earlier:] - base[:, earlier:]).abs().amax(-1).min() > 1e-6  # the rest read it
+        changed = [f.clone() for f in features]
+        changed[0][:, 0] += torch.randn(2, 12)  # the class token's latent reaches the class query only
+        after = decoder(changed, target_ids, self_mask, cross_mask)
+        assert torch.equal(after[:, :-1], base[:, :-1]) and (after[:, -1] - base[:, -1]).abs().max() > 1e-6
+
+
+def test_decoders_read_the_encoder_blocks_at_the_tap_depths_without_the_final_norm(digpt_cfg):
+    assert tap_blocks(12) == [6, 8, 10, 12] and tap_blocks(24) == [12, 16, 20, 24] and tap_blocks(4) == [2, 3, 3, 4]
+    assert tap_blocks(12, [3, 6]) == [3, 6]
+    torch.manual_seed(0)
+    method = build_method(digpt_cfg("model.depth=6", "method.order=raster")).eval()
+    assert method.taps == [3, 4, 5, 6]
+    assert not any(p.requires_grad for p in method.encoder.vit.norm.parameters())
+    outputs, seen = [], {}
+    for block in method.encoder.vit.blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    method.encoder.vit.norm.register_forward_hook(lambda *a: seen.setdefault("final norm", True))
+    forward = method.next_decoder.forward
+
+    def record(features, *args):
+        seen["features"] = features
+        return forward(features, *args)
+
+    method.next_decoder.forward = record
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        method.predict(images, method.patch_order(2, images.device))
+    assert len(outputs) == 6 and "final norm" not in seen
+    assert len(seen["features"]) == 4
+    for tensor, block in zip(seen["features"], [3, 4, 5, 6]):
+        assert torch.equal(tensor, outputs[block - 1])
+    with pytest.raises(ConfigError, match=r"method.taps=\[4, 2\] must be block numbers in ascending order"):
+        digpt_cfg("method.taps=[4,2]")
+    method = build_method(digpt_cfg("model.depth=6", "method.taps=[1,2]"))  # later blocks are not run
+    outputs.clear()
+    for block in method.encoder.vit.blocks:
+        block.register_forward_hook(lambda module, args, out: outputs.append(out))
+    with torch.no_grad():
+        method.predict(images, method.patch_order(2, images.device))
+    assert len(outputs) == 2 and method.next_decoder.encoder_to_latents.in_features == 2 * 32
 
 
 def test_targets_are_the_next_and_the_visible_segments_teacher_features():

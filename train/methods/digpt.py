@@ -3,16 +3,23 @@
 As the official code (OliverRensu/D-iGPT): the patch grid is cut into `segments` x `segments`
 square segments (2 x 2 segments of 7 x 7 on a 14 x 14 grid), put in a random order per image
 (or raster order); the encoder reads all segments but the last, block-causally (a patch sees its
-own segment and the earlier ones; the class token sees everything and no patch sees it). Two light
-decoders with the same block-causal mask predict, from the segments up to each one, the teacher's
-features of the NEXT segment and of the CURRENT (visible) segment, plus the teacher's class token
-from everything; loss = 2 - 2 cos on L2-normalised features, next + visible.
+own segment and the earlier ones; the class token sees everything and no patch sees it). Two
+decoders predict, from the segments up to each one, the teacher's features of the NEXT segment
+and of the CURRENT (visible) segment, plus the teacher's class token from everything; loss =
+2 - 2 cos on L2-normalised features, next + visible.
 
-Simplification of the official design, kept causal and testable: the decoders read the encoder's
-final tokens (not blocks 6/8/10/12 through per-layer projections) and are MAE-style decoders
-(encoder tokens + one query per target, a learned token plus sin-cos position, in one sequence of
-timm blocks under a mask) instead of cross-attention blocks; teacher features are resampled to the
-student's grid instead of upsampling predictions to the teacher's.
+Encoder -> decoders as the official `forward_encoder` / `DecoderBlock`: the outputs of encoder
+blocks depth x {1/2, 2/3, 5/6, 1} (6/8/10/12 for ViT-B; `method.taps`), each through ONE LayerNorm
+per decoder (the official `ModuleList([LayerNorm] * 4)` repeats one module), concatenated and
+projected by one Linear to decoder_depth x decoder_dim: a separate latent for every decoder layer.
+Each decoder layer: masked self-attention over the queries, masked cross-attention to its latent,
+MLP (pre-norm). Queries: a learned token + the sin-cos decoder position of the patch to predict
+(the class query last). The encoder's final norm is not used in pretraining (frozen at its unit
+init, so the exported encoder is the timm ViT with that norm).
+
+Differences from the official code: no patch sees the class token (the official reflect padding of
+the mask lets the third segment's patches see it); teacher features are resampled to the student's
+grid instead of upsampling predictions (7 x 7 -> 8 x 8) to the teacher's.
 
 Compression (train/compression.py): token dropout keeps the same random `keep_ratio` share of every
 segment's patches, so the block-causal structure stays and each segment shrinks alike (inputs and
@@ -24,13 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
-from timm.models.vision_transformer import Block
+from timm.layers import Attention, Mlp
 from torch import nn
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
 from train.models.masking import gather_tokens
-from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed, vit_forward_flops
+from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed
 from train.teachers.clip import FrozenTeacher, TeacherConfig
 
 ORDERS = ("random", "raster")
@@ -47,9 +54,14 @@ class DiGPTConfig:
     decoder_dim: int = 1024  # D-iGPT ViT-B: 1024 wide, 2 deep, 32 heads
     decoder_depth: int = 2
     decoder_heads: int = 32
+    taps: list[int] = field(default_factory=list)  # encoder blocks (1-based) the decoders read; [] = depth x
+    #                                                {1/2, 2/3, 5/6, 1}, i.e. 6/8/10/12 for ViT-B
 
     def validate(self, cfg: Config) -> None:
         self.teacher.validate()
+        depth = cfg.model.depth
+        if self.taps and (sorted(self.taps) != self.taps or not 1 <= self.taps[0] <= self.taps[-1] <= depth):
+            raise ConfigError(f"method.taps={self.taps} must be block numbers in ascending order, in [1, {depth}]")
         grid = cfg.model.img_size // cfg.model.patch_size
         if self.segments < 2 or grid % self.segments:
             raise ConfigError(f"method.segments={self.segments} must be >= 2 and divide the {grid}x{grid} patch grid")
@@ -69,25 +81,28 @@ def segment_patches(grid: int, segments: int) -> torch.Tensor:
     return index.permute(0, 2, 1, 3).reshape(segments * segments, side * side)
 
 
+def tap_blocks(depth: int, taps: list[int] | None = None) -> list[int]:
+    """The 1-based encoder blocks whose outputs feed the decoders: `taps`, or depth x {1/2, 2/3, 5/6, 1} rounded."""
+    return list(taps) if taps else [max(1, (depth * k + 3) // 6) for k in (3, 4, 5, 6)]
+
+
 def context_mask(row_context: torch.Tensor, col_context: torch.Tensor) -> torch.Tensor:
     """True where a key's context (the last segment it needs) is at most the query's: block-causal attention."""
     return col_context[None, :] <= row_context[:, None]
 
 
-def causal_masks(num_input_segments: int, segment_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Encoder mask over [class token, input patches] and decoder mask over [those, queries, class query].
+def causal_masks(num_input_segments: int, segment_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boolean masks (True: may attend) of the encoder over [class token, input patches], of the decoders'
+    self-attention over [queries, class query] and of their cross-attention from those queries to the latent.
 
     Patches and queries of input segment j have context j; the class token and the class query have
-    context "all" (no patch or patch query sees them). Encoder tokens never see decoder queries.
+    context "all" (no patch or patch query sees them).
     """
     everything = torch.tensor([num_input_segments])
     segment_of = torch.arange(num_input_segments).repeat_interleave(segment_len)
     latent = torch.cat([everything, segment_of])
     queries = torch.cat([segment_of, everything])
-    encoder = context_mask(latent, latent)
-    top = torch.cat([encoder, torch.zeros(len(latent), len(queries), dtype=torch.bool)], dim=1)
-    bottom = torch.cat([context_mask(queries, latent), context_mask(queries, queries)], dim=1)
-    return encoder, torch.cat([top, bottom], dim=0)
+    return context_mask(latent, latent), context_mask(queries, queries), context_mask(queries, latent)
 
 
 def digpt_targets(teacher_cls: torch.Tensor, teacher_patches: torch.Tensor, order: torch.Tensor,
@@ -113,38 +128,91 @@ def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "cosine")
     return F.smooth_l1_loss(pred, F.layer_norm(target, target.shape[-1:])), cosine
 
 
-class FeaturePredictor(nn.Module):
-    """Light decoder: encoder tokens + one query per target (a learned token + the target's sin-cos
-    position; the class query last) through timm blocks under a mask -> teacher-sized features."""
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries (B, Q, C) to a latent (B, L, C) under a boolean mask (Q, L)."""
 
-    def __init__(self, grid: tuple[int, int], encoder_dim: int, dim: int, depth: int, num_heads: int, out_dim: int):
+    def __init__(self, dim: int, num_heads: int):
         super().__init__()
-        self.dim, self.depth = dim, depth
-        self.embed = nn.Linear(encoder_dim, dim)
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+        k, v = self.kv(latent).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+
+class DecoderBlock(nn.Module):
+    """D-iGPT's decoder layer (official vit.py DecoderBlock): pre-norm masked self-attention over the queries,
+    masked cross-attention to this layer's latent (normed by the block), MLP."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads, qkv_bias=True)
+        self.norm_query = nn.LayerNorm(dim, eps=1e-6)
+        self.norm_latent = nn.LayerNorm(dim, eps=1e-6)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+
+    def forward(self, x: torch.Tensor, latent: torch.Tensor, self_mask: torch.Tensor,
+                cross_mask: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), attn_mask=self_mask)
+        x = x + self.cross_attn(self.norm_query(x), self.norm_latent(latent), cross_mask)
+        return x + self.mlp(self.norm2(x))
+
+
+class FeaturePredictor(nn.Module):
+    """One D-iGPT decoder: tapped encoder outputs -> one LayerNorm (shared by the taps) -> concatenated ->
+    one Linear to `depth` latents of width `dim` (one per decoder layer); queries (a learned token + the
+    target's sin-cos position; the class query last) through `DecoderBlock`s -> teacher-sized features."""
+
+    def __init__(self, grid: tuple[int, int], encoder_dim: int, num_taps: int, dim: int, depth: int, num_heads: int,
+                 out_dim: int):
+        super().__init__()
+        self.dim, self.depth, self.num_taps = dim, depth, num_taps
+        self.encoder_norm = nn.LayerNorm(encoder_dim)
+        self.encoder_to_latents = nn.Linear(num_taps * encoder_dim, depth * dim)
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
-        self.blocks = nn.ModuleList([Block(dim, num_heads, 4.0, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.blocks = nn.ModuleList([DecoderBlock(dim, num_heads) for _ in range(depth)])
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
         self.pred = nn.Linear(dim, out_dim)
         init_mae_weights(self)
-        nn.init.normal_(self.query, std=0.02)
+        nn.init.trunc_normal_(self.query, std=0.02)
 
-    def forward(self, latent: torch.Tensor, target_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """latent (B, 1 + L, De), target_ids (B, Q) patch indices -> predictions (B, Q + 1, out_dim)."""
-        x = self.embed(latent)
-        positions = gather_tokens(self.pos_embed[:, 1:].expand(x.shape[0], -1, -1), target_ids)
-        queries = torch.cat([self.query + positions, (self.query + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)],
-                            dim=1)
-        x = torch.cat([x, queries.to(x.dtype)], dim=1)
-        for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)
-        return self.pred(self.norm(x[:, latent.shape[1]:]))
+    def latents(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """(B, L, dim, depth) latents from the tapped encoder outputs (each (B, L, De)); layer i reads [..., i]
+        (the official `enc2dec(...).reshape(B, -1, dim, depth)` layout)."""
+        x = torch.cat([self.encoder_norm(f) for f in features], dim=-1)
+        return self.encoder_to_latents(x).unflatten(-1, (self.dim, self.depth))
+
+    def forward(self, features: list[torch.Tensor], target_ids: torch.Tensor, self_mask: torch.Tensor,
+                cross_mask: torch.Tensor) -> torch.Tensor:
+        """Tapped encoder outputs, target_ids (B, Q) patch indices -> predictions (B, Q + 1, out_dim)."""
+        latents = self.latents(features)
+        batch = target_ids.shape[0]
+        positions = gather_tokens(self.pos_embed[:, 1:].expand(batch, -1, -1), target_ids)
+        x = torch.cat([self.query + positions, (self.query + self.pos_embed[:, :1]).expand(batch, -1, -1)], dim=1)
+        x = x.to(latents.dtype)
+        for i, block in enumerate(self.blocks):
+            x = block(x, latents[..., i], self_mask, cross_mask)
+        return self.pred(self.norm(x))
 
     def no_weight_decay(self) -> set[str]:
         return {"query"}
 
-    def forward_flops(self, tokens: int) -> float:
-        return vit_forward_flops(tokens, self.dim, self.depth)
+    def forward_flops(self, queries: int, latent: int) -> float:
+        """Forward FLOPs (2 per multiply-add) for `queries` queries over a latent of `latent` tokens."""
+        d = self.dim
+        embed = 2 * latent * self.encoder_to_latents.in_features * self.encoder_to_latents.out_features
+        per_block = (2 * queries * d * d * (4 + 2 + 8) + 2 * latent * d * 2 * d  # qkv+proj, q+proj, MLP; kv
+                     + 4 * queries * queries * d + 4 * queries * latent * d)  # attention scores and sums
+        return embed + self.depth * per_block + 2 * queries * d * self.pred.out_features
 
 
 class DiGPT(nn.Module):
@@ -160,12 +228,17 @@ class DiGPT(nn.Module):
         self.register_buffer("segments", segment_patches(grid[0], m.segments), persistent=False)
         self.segment_len = self.segments.shape[1]
         self.num_input = (self.segments.shape[0] - 1) * self.segment_len  # the last segment is only a target
-        encoder_mask, decoder_mask = causal_masks(self.segments.shape[0] - 1, self.segment_len)
-        self.register_buffer("encoder_mask", encoder_mask, persistent=False)
-        self.register_buffer("decoder_mask", decoder_mask, persistent=False)
+        masks = causal_masks(self.segments.shape[0] - 1, self.segment_len)
+        for name, mask in zip(("encoder_mask", "self_mask", "cross_mask"), masks):
+            self.register_buffer(name, mask, persistent=False)
+        self.taps = tap_blocks(cfg.model.depth, m.taps)
+        # the decoders read the tapped blocks' raw outputs: the encoder's final norm stays at its unit init,
+        # frozen, so the exported encoder is still exactly the timm ViT
+        self.encoder.vit.norm.requires_grad_(False)
         # the frozen teacher is a plain attribute: DeepSpeed never casts, partitions, optimizes or saves it
         self.teacher = FrozenTeacher(m.teacher, grid, cfg.data.mean, cfg.data.std)
-        args = (grid, cfg.model.embed_dim, m.decoder_dim, m.decoder_depth, m.decoder_heads, self.teacher.out_dim)
+        args = (grid, cfg.model.embed_dim, len(self.taps), m.decoder_dim, m.decoder_depth, m.decoder_heads,
+                self.teacher.out_dim)
         self.next_decoder = FeaturePredictor(*args)
         self.visible_decoder = FeaturePredictor(*args)
 
@@ -183,22 +256,21 @@ class DiGPT(nn.Module):
             order = order.reshape(batch * num_segments, self.segment_len).gather(1, keep).view(batch, num_segments, -1)
         return order.flatten(1)
 
-    def layout(self, order: torch.Tensor) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-        """(segment length, input patches, encoder mask, decoder mask) of a patch order (B, S x L)."""
+    def layout(self, order: torch.Tensor) -> tuple[int, int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(segment length, input patches, (encoder, self-attention, cross-attention) masks) of an order (B, S x L)."""
         segment_len = order.shape[1] // self.segments.shape[0]
         if segment_len == self.segment_len:
-            return segment_len, self.num_input, self.encoder_mask, self.decoder_mask
-        encoder_mask, decoder_mask = causal_masks(self.segments.shape[0] - 1, segment_len)
-        return (segment_len, order.shape[1] - segment_len, encoder_mask.to(order.device),
-                decoder_mask.to(order.device))
+            return segment_len, self.num_input, (self.encoder_mask, self.self_mask, self.cross_mask)
+        masks = causal_masks(self.segments.shape[0] - 1, segment_len)
+        return segment_len, order.shape[1] - segment_len, tuple(mask.to(order.device) for mask in masks)
 
     def predict(self, images: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(next, visible) feature predictions (B, num_input + 1, C) for the targets of `digpt_targets`."""
-        segment_len, num_input, encoder_mask, decoder_mask = self.layout(order)
-        latent = self.encoder(images, ids_keep=order[:, :num_input], attn_mask=encoder_mask)
+        segment_len, num_input, (encoder_mask, self_mask, cross_mask) = self.layout(order)
+        features = self.encoder(images, ids_keep=order[:, :num_input], attn_mask=encoder_mask, taps=self.taps)
         upcoming = order[:, segment_len:segment_len + num_input]
-        return (self.next_decoder(latent, upcoming, decoder_mask),
-                self.visible_decoder(latent, order[:, :num_input], decoder_mask))
+        return (self.next_decoder(features, upcoming, self_mask, cross_mask),
+                self.visible_decoder(features, order[:, :num_input], self_mask, cross_mask))
 
     def forward(self, batch: dict, step: int = 0):
         images = batch["images"]
@@ -217,9 +289,9 @@ class DiGPT(nn.Module):
         return (self.segments.shape[0] - 1) * compression.num_kept(self.segment_len)
 
     def flops_per_image(self, compression: Setting = FULL) -> float:
-        """Training FLOPs per image: encoder and both decoders x 3, plus the teacher's forward."""
+        """Training FLOPs per image: encoder (up to the last tap) and both decoders x 3, plus the teacher's forward."""
         num_input = self.tokens_per_image(compression)
-        decoder_tokens = 2 + 2 * num_input
-        student = (self.encoder.forward_flops(num_input) + self.next_decoder.forward_flops(decoder_tokens)
-                   + self.visible_decoder.forward_flops(decoder_tokens))
+        encoder = self.encoder.forward_flops(num_input) * self.taps[-1] / self.encoder.cfg.depth
+        decoders = 2 * self.next_decoder.forward_flops(num_input + 1, num_input + 1)
+        student = encoder + decoders
         return 3 * student + self.teacher.forward_flops()

@@ -125,7 +125,8 @@ class ViTEncoder(nn.Module):
 
     def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
                 attn_mask: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
-                extra_ids: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
+                extra_ids: torch.Tensor | None = None, patch_size: int | None = None,
+                taps: list[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
         """Encode the kept patch tokens (all N when `ids_keep` is None).
 
         Returns (B, 1 + K, D) tokens (class token first) after the final norm, or with `pool`
@@ -134,8 +135,10 @@ class ViTEncoder(nn.Module):
         query tokens, are appended after the patch tokens, each given the position embedding of
         patch `extra_ids` (B, M); the output then has 1 + K + M tokens. `patch_size` (default: the
         model's) cuts the image into that many pixels per patch (see `embed`); `ids_keep` and
-        `extra_ids` index that grid. Call the module, not a helper method: ZeRO-3 gathers the class
-        token, position embeddings and patch projection in this module's forward hook.
+        `extra_ids` index that grid. `taps` (1-based block numbers, e.g. [6, 8, 10, 12]) returns the
+        list of those blocks' outputs instead, without the final norm (D-iGPT's decoders read
+        them); blocks after the last tap are not run. Call the module, not a helper method: ZeRO-3
+        gathers the class token, position embeddings and patch projection in this module's forward hook.
         """
         tokens = self.embed(images, patch_size)
         if ids_keep is not None:
@@ -147,12 +150,17 @@ class ViTEncoder(nn.Module):
             positions = gather_tokens(self.patch_positions(grid).expand(tokens.shape[0], -1, -1), extra_ids)
             parts.append(extra_tokens.to(tokens.dtype) + positions)
         x = torch.cat(parts, dim=1)
-        if attn_mask is not None:
-            for block in self.vit.blocks:
+        if attn_mask is not None or taps is not None:
+            outputs = {}
+            for number, block in enumerate(self.vit.blocks[:max(taps) if taps else None], start=1):
                 if self.vit.grad_checkpointing and torch.is_grad_enabled():
                     x = checkpoint(block, x, attn_mask=attn_mask)
                 else:
                     x = block(x, attn_mask=attn_mask)
+                if taps and number in taps:
+                    outputs[number] = x
+            if taps is not None:
+                return [outputs[number] for number in taps]
         elif self.vit.grad_checkpointing and torch.is_grad_enabled():
             x = checkpoint_seq(self.vit.blocks, x)
         else:
