@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 # the official recipes' (global) crop scales, used when data.crop_scale is not set
 RECIPE_CROP_SCALE = {"single": (0.2, 1.0), "moco_v3": (0.08, 1.0), "simclr": (0.08, 1.0), "dino": (0.4, 1.0),
-                     "finetune": (0.08, 1.0)}
+                     "finetune": (0.08, 1.0), "mapet": (1.0, 1.0)}
 BICUBIC, BILINEAR = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.BILINEAR
 
 
@@ -242,6 +242,23 @@ class FinetuneView:
         return {"images": self.to_tensor(img)}
 
 
+class CentreSquareJitterView:
+    """MaPeT's pretraining view (official config: timm loader with scale [1, 1], ratio [1, 1], hflip 0,
+    color_jitter 0.4): the centred square of the short side, resized (bicubic), colour-jittered
+    (brightness, contrast, saturation 0.4 x `jitter_strength`), never flipped. `teacher_images` is
+    the same crop without jitter: the official k-CLIP tokens are computed on the un-augmented crop."""
+
+    def __init__(self, img_size: int, jitter_strength: float = 1.0):
+        self.img_size = img_size
+        self.jitter = v2.ColorJitter(*(0.4 * jitter_strength,) * 3)
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        side = min(img.size)
+        left, top = (img.width - side) // 2, (img.height - side) // 2
+        crop = img.crop((left, top, left + side, top + side)).resize((self.img_size,) * 2, Image.BICUBIC)
+        return {"images": pil_to_tensor(self.jitter(crop)), "teacher_images": pil_to_tensor(crop)}
+
+
 class EvalView:
     """Resize + centre crop (crop_pct 0.875, as timm and MAE evaluate)."""
 
@@ -320,19 +337,21 @@ def decode_on_device(data, device: torch.device | None) -> bool:
 
 
 def build_views(data, img_size: int, device: torch.device | None = None):
-    """The training views named by `data.views` ("single", "moco_v3", "simclr", "dino" or "finetune").
+    """The training views named by `data.views` ("single", "moco_v3", "simclr", "dino", "finetune" or "mapet").
 
     `data.crop_scale` unset means the recipe's own (MAE 0.2, MoCo-v3/SimCLR 0.08, DINO 0.4); with
     `device`, `data.decode` may move single-view decoding onto it (DeviceSingleView).
     """
     if data.views not in RECIPE_CROP_SCALE:
-        raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr, dino or finetune")
+        raise ValueError(f"data.views={data.views!r}: choose single, moco_v3, simclr, dino, finetune or mapet")
     scale = tuple(data.crop_scale or RECIPE_CROP_SCALE[data.views])
     if data.views == "single":
         cls = DeviceSingleView if decode_on_device(data, device) else SingleView
         return cls(img_size, scale, data.hflip)
     if data.views == "moco_v3":
         return TwoViews(img_size, scale, True, data.jitter_strength, BILINEAR)
+    if data.views == "mapet":
+        return CentreSquareJitterView(img_size, data.jitter_strength)
     if data.views == "finetune":
         return FinetuneView(img_size, scale, data.hflip, data.rand_augment, data.mean)
     if data.views == "simclr":

@@ -208,3 +208,47 @@ def test_bf16_student_with_an_fp32_teacher(mapet_cfg):
     assert method.encoder.vit.pos_embed.dtype == torch.bfloat16  # DeepSpeed cast the student ...
     assert all(p.dtype == torch.float32 for p in method.tokenizer.teacher.model.parameters())  # ... not the teacher
     assert torch.isfinite(torch.tensor(read_metrics(result.output_dir)[2]["train/loss"]))
+
+
+def test_pretraining_view_is_a_centre_square_crop_with_jitter_and_no_flip():
+    from PIL import Image
+
+    from data_pipeline.augment import CentreSquareJitterView
+
+    torch.manual_seed(0)
+    pixels = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)  # a landscape image: the centre 30x30 is kept
+    img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+    out = CentreSquareJitterView(30)(img)
+    assert torch.equal(out["teacher_images"], pixels[:, :, 10:40])  # the un-jittered crop, never flipped
+    assert out["images"].shape == (3, 30, 30) and not torch.equal(out["images"], out["teacher_images"])
+    assert torch.equal(CentreSquareJitterView(30, jitter_strength=0.0)(img)["images"], pixels[:, :, 10:40])
+    portrait = Image.fromarray(pixels.permute(2, 1, 0).contiguous().numpy())  # 50 high, 30 wide
+    assert torch.equal(CentreSquareJitterView(30)(portrait)["teacher_images"], pixels.permute(0, 2, 1)[:, 10:40])
+
+
+def test_layer_scale_recipe_trains_on_the_un_jittered_tokens_and_exports_to_timm(mapet_cfg, tmp_path):
+    import json
+
+    import timm
+
+    from train.eval.export import export
+    from train.models.ema import gathered
+
+    cfg = mapet_cfg("model.init_values=0.1", "data.views=mapet", "train.steps=2", name="mapet_ls")
+    method = build_method(cfg)
+    assert torch.equal(method.encoder.vit.blocks[0].ls1.gamma, torch.full((32,), 0.1))
+    seen = []
+    tokenizer = method.tokenizer
+    method.tokenizer = lambda images: seen.append(images) or tokenizer(images)
+    batch = {"images": torch.randn(2, 3, 16, 16), "teacher_images": torch.randn(2, 3, 16, 16)}
+    method(batch)
+    assert seen[0] is batch["teacher_images"]  # the targets come from the crop without colour jitter
+    encoder = train(cfg).engine.module.encoder
+    out = export(cfg.output_dir, tmp_path / "export")
+    assert json.loads((out / "config.json").read_text())["model_args"]["init_values"] == 0.1
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    assert {"blocks.0.ls1.gamma", "blocks.1.ls2.gamma"} <= set(model.state_dict())
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad(), gathered(list(encoder.parameters())):
+        assert not torch.allclose(encoder.vit.blocks[0].ls1.gamma, torch.full((32,), 0.1))  # trained
+        assert torch.allclose(model.forward_features(images), encoder.eval()(images), atol=1e-5)

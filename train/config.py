@@ -19,7 +19,7 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 PRECISIONS = ("auto", "bf16", "fp32")
-VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune")
+VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune", "mapet")
 DECODE = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 
@@ -51,6 +51,7 @@ class DataConfig:
     shuffle_buffer: int = 2000
     views: str = "single"  # single (MAE family) | moco_v3 | simclr (two views) | dino (2 global + local crops)
     #                        | finetune (crop, flip, RandAugment: supervised fine-tuning)
+    #                        | mapet (centre square crop, colour jitter 0.4, no flip; + the un-jittered crop)
     crop_scale: tuple[float, float] | None = None  # of the (global) crops; unset: the recipe's (0.2 / 0.08 / 0.4)
     hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
     jitter_strength: float = 1.0  # scales the recipe's colour jitter (SimCLR's color_jitter_strength)
@@ -72,6 +73,7 @@ class ModelConfig:
     num_heads: int = 12
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
+    init_values: float = 0.0  # LayerScale init of every block (timm `init_values`; MaPeT: 0.1); 0: no LayerScale
     pos_embed: str = "sincos"  # "sincos" (fixed, as MAE) or "learned"
     grad_checkpointing: bool = False
 
@@ -311,6 +313,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"model.pos_embed={m.pos_embed!r}: choose 'sincos' or 'learned'")
     if m.pos_embed == "sincos" and m.embed_dim % 4:
         raise ConfigError(f"model.embed_dim={m.embed_dim} must be divisible by 4 for sincos position embeddings")
+    if m.init_values < 0:
+        raise ConfigError(f"model.init_values={m.init_values} must be >= 0 (0: no LayerScale)")
     if d.batch_size < 1:
         raise ConfigError(f"data.batch_size={d.batch_size} must be >= 1")
     if d.workers < 0:

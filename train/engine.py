@@ -46,8 +46,12 @@ ARCHITECTURE_KEYS = ("img_size", "patch_size", "embed_dim", "depth", "num_heads"
 
 
 def architecture(cfg: Config) -> dict:
-    """The model settings a checkpoint's weights depend on (drop path or checkpointing may change on resume)."""
-    return {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
+    """The model settings a checkpoint's weights depend on (drop path or checkpointing may change on resume);
+    `init_values` only when the blocks have LayerScale, so checkpoints without it read as before."""
+    arch = {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
+    if cfg.model.init_values:
+        arch["init_values"] = cfg.model.init_values
+    return arch
 
 
 def use_bf16(cfg: Config) -> bool:

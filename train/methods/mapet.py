@@ -133,7 +133,7 @@ class MaPeT(nn.Module):
 
     def forward(self, batch: dict, step: int = 0):
         images = batch["images"]
-        codes = self.tokenizer(images)
+        codes = self.tokenizer(batch.get("teacher_images", images))  # the un-jittered crop of data.views=mapet
         order = self.patch_order(images.shape[0], images.device, batch.get("compression", FULL))
         logits = self.predict(images, order)
         targets = codes.gather(1, order[:, self.visible_of(order.shape[1]):])

@@ -61,7 +61,7 @@ class ViTEncoder(nn.Module):
         self.vit = VisionTransformer(
             img_size=cfg.img_size, patch_size=cfg.patch_size, in_chans=in_chans, num_classes=0,
             embed_dim=cfg.embed_dim, depth=cfg.depth, num_heads=cfg.num_heads, mlp_ratio=cfg.mlp_ratio,
-            drop_path_rate=cfg.drop_path, weight_init="skip",
+            drop_path_rate=cfg.drop_path, init_values=cfg.init_values or None, weight_init="skip",
         )
         init_mae_weights(self.vit)
         w = self.vit.patch_embed.proj.weight
@@ -180,7 +180,14 @@ class ViTEncoder(nn.Module):
         return embed + vit_forward_flops(tokens + 1, c.embed_dim, c.depth, c.mlp_ratio)
 
     def timm_spec(self) -> tuple[str, dict]:
-        """The timm model name and keyword overrides that build this encoder's architecture."""
+        """The timm model name and keyword overrides that build this encoder's architecture
+        (with `init_values` when the blocks have LayerScale, so timm builds `ls1.gamma` / `ls2.gamma`)."""
+        name, kwargs = self._timm_architecture()
+        if self.cfg.init_values:
+            kwargs["init_values"] = self.cfg.init_values
+        return name, kwargs
+
+    def _timm_architecture(self) -> tuple[str, dict]:
         c = self.cfg
         size = TIMM_SIZES.get((c.embed_dim, c.depth, c.num_heads))
         if size:

@@ -93,8 +93,11 @@ def tower_shape(state: dict[str, torch.Tensor], path: str) -> dict:
     depth = len({k[len(keys["blocks"]):].split(".")[0] for k in state if k.startswith(keys["blocks"])})
     proj = state.get(keys["proj"])
     out_dim = 0 if proj is None else proj.shape[1] if keys is _OPENAI else proj.shape[0]
-    return dict(embed_dim=patch.shape[0], depth=depth, patch_size=patch.shape[-1], img_size=grid * patch.shape[-1],
-                mlp_ratio=state[keys["fc1"]].shape[0] / patch.shape[0], num_classes=out_dim)
+    shape = dict(embed_dim=patch.shape[0], depth=depth, patch_size=patch.shape[-1], img_size=grid * patch.shape[-1],
+                 mlp_ratio=state[keys["fc1"]].shape[0] / patch.shape[0], num_classes=out_dim)
+    if "blocks.0.ls1.gamma" in state:  # LayerScale blocks (e.g. an exported MaPeT encoder): the file sets the gammas
+        shape["init_values"] = 1.0
+    return shape
 
 
 def load_tower(cfg: TeacherConfig) -> torch.nn.Module:
