@@ -78,6 +78,52 @@ def timm_to_openai_clip(state: dict) -> dict:
     return out
 
 
+def tiny_resnet_clip(num_classes: int = 24):
+    """A randomly initialised CLIP ResNet of RN50x64's structure (timm's `resnet50x64_clip` = OpenAI's
+    ModifiedResNet: 3-conv stem + avg pool, bottleneck stages with avg-pool anti-aliasing, attention pool,
+    output stride 32) at tiny widths (stem 8/8/16, stages 32/64/128/256) and depths (1/2/1/1), for 448 px
+    inputs (a 14 x 14 last-stage map, as RN50x64's), with non-trivial BatchNorm statistics."""
+    from dataclasses import replace
+
+    import torch
+    from timm.models.byobnet import ByoBlockCfg, ByobNet, model_cfgs
+
+    stages = [ByoBlockCfg(type="bottle", d=d, c=c, s=s, br=0.25) for d, c, s in
+              ((1, 32, 1), (2, 64, 2), (1, 128, 2), (1, 256, 2))]
+    cfg = replace(model_cfgs["resnet50x64_clip"], blocks=tuple(stages), stem_chs=(8, 8, 16), width_factor=1.0)
+    model = ByobNet(cfg, num_classes=num_classes, img_size=448)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.normal_(1, 0.1)
+                m.bias.normal_(0, 0.1)
+    return model.eval()
+
+
+def timm_to_openai_resnet(state: dict) -> dict:
+    """A timm `resnet*_clip` state dict under OpenAI's ModifiedResNet names (`visual.*`), as CLIP's RN files hold it
+    (the inverse of timm's byobnet `_convert_openai_clip`)."""
+    import re
+
+    names = {"conv1_1x1": "1", "conv2_kxk": "2", "conv3_1x1": "3"}
+    out = {}
+    for key, value in state.items():
+        key = re.sub(r"^stem\.conv(\d)\.conv\.", r"conv\1.", key)
+        key = re.sub(r"^stem\.conv(\d)\.bn\.", r"bn\1.", key)
+        key = re.sub(r"^stages\.(\d+)\.(\d+)\.(conv\d_\w+?)\.(conv|bn)\.",
+                     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.{m[4]}{names[m[3]]}.", key)
+        key = re.sub(r"^stages\.(\d+)\.(\d+)\.shortcut\.conv\.(conv|bn)\.",
+                     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.{0 if m[3] == 'conv' else 1}.", key)
+        if key.startswith("head."):
+            key = "attnpool." + key[5:].replace("pos_embed", "positional_embedding")
+            key = re.sub(r"^attnpool\.(q|k|v)\.", r"attnpool.\1_proj.", key).replace("attnpool.proj.",
+                                                                                     "attnpool.c_proj.")
+        out["visual." + key] = value.clone()
+    return out
+
+
 @pytest.fixture(scope="session")
 def clip_teacher(tmp_path_factory) -> Path:
     """A tiny randomly initialised CLIP image tower (TINY_CLIP) saved as an OpenAI / open_clip checkpoint."""

@@ -3,12 +3,14 @@
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import TINY_CLIP, timm_to_openai_clip
+from conftest import TINY_CLIP, timm_to_openai_clip, timm_to_openai_resnet, tiny_resnet_clip
 from train.config import ConfigError, load_config
-from train.teachers.clip import FrozenTeacher, TeacherConfig, align_to_grid, load_tower
+from train.teachers.clip import CLIP_MEAN, CLIP_STD, FrozenTeacher, TeacherConfig, align_to_grid, load_tower
+from train.teachers.codebook import KCLIPTokenizer
 from train.teachers.kmeans import assign, kmeans
 
 
@@ -179,3 +181,104 @@ def test_supervised_demo_teacher_learns_and_loads(make_cfg, tmp_path):
     assert accuracy > 30.0  # ten digit classes: chance is 10%
     tower = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224", num_heads=2))
     assert tower.embed_dim == 32 and len(tower.blocks) == 2
+
+
+# ------------------------------------------------------------------------------ CLIP ResNet (MaPeT's k-CLIP)
+
+def openai_resnet_layer4(state: dict, x: torch.Tensor) -> torch.Tensor:
+    """openai/CLIP's ModifiedResNet up to layer4 (MaPeT's `intermediate_features`), written out from its
+    definition on the `visual.*` weights: 3-conv stem + avgpool 2; Bottleneck = conv1 1x1, conv2 3x3,
+    avgpool(stride), conv3 1x1 (+ downsample: avgpool(stride), conv 1x1, bn), relu after the sum."""
+    def bn(name, t):
+        return F.batch_norm(t, state[f"{name}.running_mean"], state[f"{name}.running_var"], state[f"{name}.weight"],
+                            state[f"{name}.bias"], False, 0.0, 1e-5)
+
+    v = "visual."
+    x = F.relu(bn(v + "bn1", F.conv2d(x, state[v + "conv1.weight"], stride=2, padding=1)))
+    x = F.relu(bn(v + "bn2", F.conv2d(x, state[v + "conv2.weight"], padding=1)))
+    x = F.avg_pool2d(F.relu(bn(v + "bn3", F.conv2d(x, state[v + "conv3.weight"], padding=1))), 2)
+    for layer in range(1, 5):
+        for block in sorted({int(k.split(".")[2]) for k in state if k.startswith(f"{v}layer{layer}.")}):
+            p = f"{v}layer{layer}.{block}."
+            stride = 2 if layer > 1 and block == 0 else 1
+            out = F.relu(bn(p + "bn1", F.conv2d(x, state[p + "conv1.weight"])))
+            out = F.relu(bn(p + "bn2", F.conv2d(out, state[p + "conv2.weight"], padding=1)))
+            out = bn(p + "bn3", F.conv2d(F.avg_pool2d(out, stride) if stride > 1 else out, state[p + "conv3.weight"]))
+            if p + "downsample.0.weight" in state:
+                pooled = F.avg_pool2d(x, stride) if stride > 1 else x
+                x = bn(p + "downsample.1", F.conv2d(pooled, state[p + "downsample.0.weight"]))
+            x = F.relu(out + x)
+    return x
+
+
+@pytest.fixture(scope="module")
+def resnet_clip(tmp_path_factory):
+    """(OpenAI-named weights, file) of a tiny randomly initialised ResNet-CLIP of RN50x64's structure."""
+    torch.manual_seed(0)
+    state = timm_to_openai_resnet(tiny_resnet_clip().state_dict())
+    path = tmp_path_factory.mktemp("rn") / "RN-tiny.pt"
+    torch.save(state, path)
+    return state, path
+
+
+@pytest.mark.parametrize("fmt", ["openai", "openai_torchscript", "timm"])
+def test_resnet_teacher_is_openais_modified_resnet_up_to_layer4(resnet_clip, tmp_path, fmt):
+    state, path = resnet_clip
+    if fmt == "openai_torchscript":
+        path = tmp_path / "RN-tiny-jit.pt"
+        torchscript_archive(state, path)
+    elif fmt == "timm":
+        path = tmp_path / "rn.pth"
+        torch.save(tiny_resnet_clip_state(), path)
+    tower = load_tower(TeacherConfig(path=str(path), model="resnet50x64_clip"))
+    assert tower.input_size == 448 and tower.num_features == 256  # read from the attention pool / last stage
+    assert not any(p.requires_grad for p in tower.parameters()) and not tower.training
+    images = torch.randn(2, 3, 448, 448)
+    with torch.no_grad():
+        ours = tower.forward_features(images)
+        reference = openai_resnet_layer4(state, images)
+    assert ours.shape == (2, 256, 14, 14)  # output stride 32: a 14 x 14 grid at 448 px, as RN50x64's 4096 x 14 x 14
+    assert torch.allclose(ours, reference, atol=1e-4), (ours - reference).abs().max()
+
+
+def tiny_resnet_clip_state() -> dict:
+    torch.manual_seed(0)  # the same weights as the fixture's, under timm's names
+    return tiny_resnet_clip().state_dict()
+
+
+def test_resnet_teacher_errors_name_the_architecture(resnet_clip, tmp_path):
+    _, path = resnet_clip
+    with pytest.raises(ConfigError, match=r"holds a CLIP ResNet; set method.teacher.model .*resnet50x64_clip"):
+        load_tower(TeacherConfig(path=str(path)))  # the default ViT architecture
+    trunk = tmp_path / "trunk.pth"
+    torch.save({k: v for k, v in tiny_resnet_clip_state().items() if not k.startswith("head.")}, trunk)
+    with pytest.raises(ConfigError, match=r"method.teacher.img_size: .* set it \(448 for RN50x64\)"):
+        load_tower(TeacherConfig(path=str(trunk), model="resnet50x64_clip"))
+    assert load_tower(TeacherConfig(path=str(trunk), model="resnet50x64_clip", img_size=448)).input_size == 448
+
+
+def test_kclip_tokenizer_from_a_resnet_clip_gives_a_14x14_grid_of_codes(resnet_clip):
+    state, path = resnet_clip
+    data_mean, data_std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    teacher = FrozenTeacher(TeacherConfig(path=str(path), model="resnet50x64_clip"), (14, 14), data_mean, data_std)
+    assert teacher.out_dim == 256 and teacher.native_grid == (14, 14) and teacher.forward_flops() > 0
+    torch.manual_seed(0)
+    images = torch.randn(3, 3, 448, 448)  # normalised with the data's mean/std, as batches arrive
+    _, patches = teacher(images)
+    raw = images * torch.tensor(data_std).view(3, 1, 1) + torch.tensor(data_mean).view(3, 1, 1)
+    clip_input = (raw - torch.tensor(CLIP_MEAN).view(3, 1, 1)) / torch.tensor(CLIP_STD).view(3, 1, 1)
+    with torch.no_grad():
+        expected = openai_resnet_layer4(state, clip_input).flatten(2).transpose(1, 2)
+    assert patches.shape == (3, 196, 256) and torch.allclose(patches, expected, atol=1e-4)
+    # the codebook fit (best of 3 restarts) is deterministic given the seed, and the seed matters
+    feats = patches.flatten(0, 1)
+    first, mse = kmeans(feats, 16, iters=5, seed=7, restarts=3)
+    again, mse_again = kmeans(feats, 16, iters=5, seed=7, restarts=3)
+    other, _ = kmeans(feats, 16, iters=5, seed=50, restarts=3)  # runs 50-52: none shared with 7-9
+    assert torch.equal(first, again) and mse == mse_again and not torch.equal(first, other)
+    assert mse <= min(kmeans(feats, 16, iters=5, seed=s)[1] for s in (7, 8, 9))  # the best of its runs
+    codes = KCLIPTokenizer(teacher, first)(images)
+    assert codes.shape == (3, 196) and codes.dtype == torch.long and 0 <= codes.min() and codes.max() < 16
+    assert torch.equal(codes.view(3, 14, 14).flatten(1), assign(expected, first))
+    # a 224 px student crop is resized to the teacher's 448 px: still a 14 x 14 grid of codes
+    assert KCLIPTokenizer(teacher, first)(torch.randn(2, 3, 224, 224)).shape == (2, 196)

@@ -4,10 +4,13 @@ Fit the codebook once per teacher and student grid, from the same run config tha
 
     python -m train.teachers.codebook --config train/configs/mapet_vit_b.yaml [section.key=value ...]
 
-It streams every `data.train` image once (eval view: resize + centre crop), runs the frozen
-teacher (`method.teacher`), keeps a random subset of the patch features on the student's grid
-(`--max-patches`, 256 per code by default, as faiss), fits `method.num_codes` centroids with
-torch k-means on the GPU when there is one (`train.teachers.kmeans`) and writes `method.codebook`.
+As MaPeT's kmeans_processing.py: it streams every `data.train` image once (the centred square of
+the short side, as CLIP's resize + centre crop), runs the frozen teacher (`method.teacher`; the
+paper's: CLIP RN50x64's last stage at 448 px), keeps a uniform random subset of the patch features
+on the student's grid in float16 (`--max-patches`: 512 per code by default, faiss's
+max_points_per_centroid in the official script), fits `method.num_codes` centroids with torch
+k-means on the GPU when there is one (`train.teachers.kmeans`: 20 iterations, random init, the
+best of `--restarts` 5 runs, as faiss niter 20 / nredo 5) and writes `method.codebook`.
 During training `KCLIPTokenizer` maps the teacher's features to code ids on the fly.
 """
 
@@ -71,14 +74,14 @@ def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, devi
     shards = resolve_shards(cfg.data.train)
     per_image = teacher.grid[0] * teacher.grid[1]
     keep = min(1.0, max_patches / (shards.num_samples * per_image)) if shards.num_samples else 1.0
-    stream = EvalStream(shards.urls, EvalView(cfg.model.img_size), batch_size)
+    stream = EvalStream(shards.urls, EvalView(cfg.model.img_size, crop_pct=1.0), batch_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     feats, count = [], 0
     for batch in DataLoader(stream, batch_size=None, num_workers=workers):
         images = to_device(batch, device, cfg.data.mean, cfg.data.std)["images"]
         patches = teacher(images)[1].flatten(0, 1)
         patches = patches[torch.rand(len(patches), generator=gen, device=device) < keep]
-        feats.append(patches[:max_patches - count])
+        feats.append(patches[:max_patches - count].half())
         count += len(feats[-1])
         if count >= max_patches:
             break
@@ -87,8 +90,8 @@ def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, devi
     return torch.cat(feats)
 
 
-def fit_codebook(cfg: Config, out: str, max_patches: int, iters: int = 20, init: str = "kmeans++", seed: int = 0,
-                 batch_size: int = 256, workers: int = 4) -> dict:
+def fit_codebook(cfg: Config, out: str, max_patches: int, iters: int = 20, init: str = "random", seed: int = 0,
+                 batch_size: int = 256, workers: int = 4, restarts: int = 5) -> dict:
     """Fit and save the k-CLIP codebook of the run `cfg`; returns what was saved besides the centroids."""
     m = cfg.method
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -99,10 +102,10 @@ def fit_codebook(cfg: Config, out: str, max_patches: int, iters: int = 20, init:
     log.info("collected %d patch features (%d-d) in %.0f s; k-means with %d codes on %s", len(feats),
              feats.shape[1], time.perf_counter() - start, m.num_codes, device)
     start = time.perf_counter()
-    centroids, mse = kmeans(feats, m.num_codes, iters=iters, init=init, seed=seed)
+    centroids, mse = kmeans(feats, m.num_codes, iters=iters, init=init, seed=seed, restarts=restarts)
     usage = torch.bincount(assign(feats, centroids), minlength=m.num_codes)
     meta = {"teacher": asdict(m.teacher), "grid": list(grid), "num_patches": len(feats), "iters": iters,
-            "init": init, "mse": mse, "codes_used": int((usage > 0).sum())}
+            "init": init, "restarts": restarts, "seed": seed, "mse": mse, "codes_used": int((usage > 0).sum())}
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     torch.save({"centroids": centroids.cpu(), **meta}, out)
     log.info("k-means in %.0f s: mse %.4g, %d of %d codes used; codebook written to %s",
@@ -114,9 +117,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m train.teachers.codebook", description=__doc__.split("\n")[0])
     parser.add_argument("--config", help="the run config (method.teacher, method.num_codes, data.train)")
     parser.add_argument("--out", default="", help="where to write the codebook (default: method.codebook)")
-    parser.add_argument("--max-patches", type=int, default=0, help="patch features to fit on (0: 256 per code)")
+    parser.add_argument("--max-patches", type=int, default=0,
+                        help="patch features to fit on (0: 512 per code, as MaPeT's max_points_per_centroid)")
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations (20, as MaPeT's faiss k-means)")
-    parser.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
+    parser.add_argument("--restarts", type=int, default=5, help="k-means runs, the best kept (5: MaPeT's nredo)")
+    parser.add_argument("--init", default="random", choices=["random", "kmeans++"],
+                        help="random: k sampled points, as faiss (MaPeT)")
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
@@ -139,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
     if not out:
         print("config error: set method.codebook or --out", file=sys.stderr)
         return 2
-    fit_codebook(cfg, out, args.max_patches or 256 * cfg.method.num_codes, args.iters, args.init, args.seed,
-                 args.batch_size, args.workers)
+    fit_codebook(cfg, out, args.max_patches or 512 * cfg.method.num_codes, args.iters, args.init, args.seed,
+                 args.batch_size, args.workers, args.restarts)
     return 0
 
 
