@@ -1,7 +1,10 @@
 """D-iGPT: segments and block-causal masks, causality of the predictions, target alignment, the
 feature loss, and training through the engine under ZeRO-1 and fully partitioned ZeRO-3."""
 
+import json
+
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
 from test_engine import fully_partitioned_zero3
@@ -10,6 +13,7 @@ from torch import nn
 from conftest import read_metrics
 from train.config import ConfigError
 from train.engine import train
+from train.eval.export import export
 from train.methods import build_method
 from train.methods.digpt import FeaturePredictor, causal_masks, digpt_targets, feature_loss, segment_patches, tap_blocks
 
@@ -263,6 +267,16 @@ def test_digpt_trains_the_same_under_zero1_and_partitioned_zero3(digpt_cfg, tmp_
             saved = torch.load(cfg.output_dir / "checkpoints" / "step_00000010" / "mp_rank_00_model_states.pt",
                                weights_only=False)["module"]
             assert any(k.startswith("next_decoder.") for k in saved) and not any("teacher" in k for k in saved)
+            # the final norm is never used in pretraining: the export is timm's ViT with it at its unit init
+            exported = export(cfg.output_dir, tmp_path / "export")
+            config = json.loads((exported / "config.json").read_text())
+            assert config["vitssl"]["final_norm"].startswith("untrained")
+            model = timm.create_model(f"local-dir:{exported}", pretrained=True).eval()
+            assert torch.equal(model.norm.weight, torch.ones(32)) and torch.equal(model.norm.bias, torch.zeros(32))
+            images = torch.randn(2, 3, 16, 16)
+            with torch.no_grad():
+                encoder = result.engine.module.encoder.eval()
+                assert torch.allclose(model.forward_features(images), encoder(images), atol=1e-5)
     losses = {stage: [runs[stage][s]["train/loss"] for s in sorted(runs[stage])] for stage in runs}
     assert losses[3] == pytest.approx(losses[1], rel=1e-4, abs=1e-5)
     assert sum(losses[1][-3:]) < sum(losses[1][:3]) * 0.9  # it learns

@@ -67,6 +67,12 @@ def export(source_path: str | Path, out_dir: str | Path, encoder_only: bool = Fa
     name, kwargs = timm_spec_for(source, state)
     model = build_timm_model(name, kwargs, state, str(source.path))
     meta = {**source.meta, "source": str(source.path)}
+    norm = state.get("norm.weight"), state.get("norm.bias")
+    if norm[0] is not None and bool((norm[0] == 1).all() and (norm[1] == 0).all()):
+        # D-iGPT's decoders read blocks before the final norm: timm's norm is there, at its unit init
+        meta["final_norm"] = "untrained (unit scale, zero shift): pretraining did not use it"
+        log.info("%s: the encoder's final norm was not trained (unit scale, zero shift); timm loads it as is",
+                 source.path)
     mean = source.data_value("mean", (0.485, 0.456, 0.406))
     std = source.data_value("std", (0.229, 0.224, 0.225))
     out_dir = Path(out_dir)
