@@ -54,7 +54,7 @@ class DataConfig:
     crop_scale: tuple[float, float] | None = None  # of the (global) crops; unset: the recipe's (0.2 / 0.08 / 0.4)
     hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
     jitter_strength: float = 1.0  # scales the recipe's colour jitter (SimCLR's color_jitter_strength)
-    decode: str = "auto"  # auto (on the GPU for "single" views when CUDA is there) | cpu | gpu
+    decode: str = "auto"  # auto (decode + augment on the GPU when CUDA is there; finetune: CPU) | cpu | gpu
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy of the finetune view ("": off)
     local_crops: int = 8  # dino
     local_size: int = 96
@@ -323,8 +323,9 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"data.{key}={getattr(d, key)} must satisfy 0 < min <= max <= 1")
     if d.decode not in DECODE:
         raise ConfigError(f"data.decode={d.decode!r}: choose one of {DECODE}")
-    if d.decode == "gpu" and d.views != "single":
-        raise ConfigError(f"data.decode=gpu decodes single views only, not data.views={d.views!r}; use auto or cpu")
+    if d.decode == "gpu" and d.views == "finetune":
+        raise ConfigError(f"data.decode=gpu: data.views={d.views!r} (RandAugment) runs in the CPU workers; "
+                          "use auto or cpu")
     if d.jitter_strength < 0:
         raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be >= 0")
     if (t.epochs > 0) == (t.steps > 0):
