@@ -21,6 +21,7 @@ GPU (--step-rate; for single views the MAE ViT-L rate of one H100; unmeasured wi
 """
 
 import argparse
+import contextlib
 import io
 import os
 import random
@@ -153,13 +154,16 @@ def shard_jpegs(urls: list[str]) -> list[bytes]:
 
 
 def official_batches(transform, jpegs: list[bytes], batch_size: int):
-    """The official loaders' work per batch: PIL decode (torchvision's pil_loader), transform, default_collate."""
+    """The official loaders' work per batch: PIL decode (torchvision's pil_loader), transform, default_collate.
+    A sample the transform fails on is skipped, as our stream skips it (timm's RandAugment posterize with
+    0 bits raises on Pillow >= 11)."""
     index = 0
     while True:
         batch = []
-        for _ in range(batch_size):
+        while len(batch) < batch_size:
             with Image.open(io.BytesIO(jpegs[index % len(jpegs)])) as img:
-                batch.append((transform(img.convert("RGB")), 0))
+                with contextlib.suppress(ValueError):
+                    batch.append((transform(img.convert("RGB")), 0))
             index += 1
         yield default_collate(batch)
 

@@ -96,12 +96,14 @@ class SingleView:
         top, left, height, width = RandomResizedCrop.get_params(img, list(self.crop_scale), [3 / 4, 4 / 3])
         return top, left, height, width, bool(torch.rand(1).item() < self.hflip)
 
-    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+    def crop(self, img: Image.Image) -> Image.Image:
+        """The random resized crop (in PIL, bicubic) and flip."""
         top, left, height, width, flip = self.params(img)
         out = img.crop((left, top, left + width, top + height)).resize((self.img_size,) * 2, Image.BICUBIC)
-        if flip:
-            out = out.transpose(Image.FLIP_LEFT_RIGHT)
-        return {"images": pil_to_tensor(out)}
+        return out.transpose(Image.FLIP_LEFT_RIGHT) if flip else out
+
+    def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
+        return {"images": pil_to_tensor(self.crop(img))}
 
 
 JPEG, RAW = 0, 1  # how the device views ship a sample: JPEG bytes, or RGB pixels decoded in the worker
@@ -215,7 +217,7 @@ def seeded_global_rngs(seed: int):
         np.random.set_state(state[1])
 
 
-class FinetuneView:
+class FinetuneView(SingleView):
     """MAE/BEiT fine-tuning: random-resized crop (bicubic), flip and timm's RandAugment ("rand-m9-mstd0.5-inc1").
 
     Random erasing and Mixup/CutMix act on the normalised batch on the device (the finetune method).
@@ -225,14 +227,10 @@ class FinetuneView:
                  rand_augment: str = "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)):
         from timm.data.auto_augment import rand_augment_transform
 
-        self.crop = v2.Compose([
-            v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),
-            v2.RandomHorizontalFlip(hflip),
-        ])
+        super().__init__(img_size, crop_scale, hflip)
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
                    "interpolation": Image.BICUBIC}
         self.rand_augment = rand_augment_transform(rand_augment, hparams) if rand_augment else None
-        self.to_tensor = v2.PILToTensor()
 
     def __call__(self, img: Image.Image) -> dict[str, torch.Tensor]:
         img = self.crop(img)
@@ -241,7 +239,7 @@ class FinetuneView:
             # per sample by the stream), so a resumed stream reproduces the same images
             with seeded_global_rngs(int(torch.randint(2**31, ()))):
                 img = self.rand_augment(img)
-        return {"images": self.to_tensor(img)}
+        return {"images": pil_to_tensor(img)}
 
 
 class EvalView:

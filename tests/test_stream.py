@@ -248,7 +248,8 @@ def test_data_throughput_benchmark_prints_its_table(tmp_path, capsys):
 
     assert 80_000 < len(synthetic_jpeg(0)) < 140_000  # ImageNet-like: 500x375, about 110 KB
     rows = main(["--dir", str(tmp_path), "--images", "8", "--shard-size", "4", "--source-size", "64x48",
-                 "--img-size", "32", "--batch-size", "4", "--workers", "0,1", "--seconds", "0.2", "--warmup", "1"])
+                 "--img-size", "32", "--batch-size", "4", "--workers", "0,1", "--seconds", "0.2", "--warmup", "1",
+                 "--repeats", "1"])
     assert [(r["path"], r["workers"]) for r in rows][:4] == [("cpu", 0), ("cpu", 1), ("gpu-workers", 0),
                                                              ("gpu-workers", 1)]
     assert all(r["img_s"] > 0 for r in rows)
