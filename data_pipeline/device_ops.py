@@ -9,6 +9,8 @@ solarize is `ImageOps.solarize` (threshold 128). The blur is a true Gaussian of 
 three box passes of the same variance. Factors and sigmas are (N,) tensors.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -102,8 +104,7 @@ def gaussian_kernels(sigma: torch.Tensor, radius: int) -> torch.Tensor:
 def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor, sigma_max: float = BLUR_SIGMA_MAX) -> torch.Tensor:
     """Separable Gaussian blur with a sigma per image (grouped convolutions), rounded to uint8 values."""
     n, c, height, width = x.shape
-    radius = int(torch.tensor(3 * sigma_max).ceil())
-    radius = min(radius, (min(height, width) - 1))  # replicate padding needs pad < size
+    radius = min(math.ceil(3 * sigma_max), min(height, width) - 1)
     k = gaussian_kernels(sigma.to(x.device), radius).repeat_interleave(c, 0)  # (N*C, K)
     y = F.pad(x.reshape(1, n * c, height, width), (radius, radius, 0, 0), mode="replicate")
     y = F.conv2d(y, k.view(n * c, 1, 1, -1), groups=n * c)
