@@ -35,7 +35,7 @@ IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 # the official recipes' (global) crop scales, used when data.crop_scale is not set
 RECIPE_CROP_SCALE = {"single": (0.2, 1.0), "moco_v3": (0.08, 1.0), "simclr": (0.08, 1.0), "dino": (0.4, 1.0),
                      "finetune": (0.08, 1.0)}
-BICUBIC, BILINEAR = v2.InterpolationMode.BICUBIC, v2.InterpolationMode.BILINEAR
+BICUBIC = v2.InterpolationMode.BICUBIC
 
 
 def _where(sample: dict) -> str:
