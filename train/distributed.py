@@ -105,6 +105,21 @@ def device_for(info: WorldInfo) -> torch.device:
     return torch.device("cuda", cuda_index(info.local_rank, torch.cuda.device_count()))
 
 
+def rank() -> int:
+    """This process's rank in the initialised process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the initialised process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_batch(cfg, world: int | None = None) -> int:
+    """Images per optimizer step: `train.global_batch_size`, else `data.batch_size` x world size (no accumulation)."""
+    return cfg.train.global_batch_size or cfg.data.batch_size * (world_size() if world is None else world)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

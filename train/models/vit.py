@@ -187,3 +187,9 @@ class ViTEncoder(nn.Module):
         # not a timm size: timm's base model with every architecture argument given
         return "vit_base_patch16_224", {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
                                         "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}
+
+
+def pooled_features(encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pooled float32 features of a frozen encoder; bf16 autocast on GPU (the features are normalised later)."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"):
+        return encoder(images, pool=pool).float()
