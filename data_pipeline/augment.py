@@ -221,7 +221,7 @@ class FinetuneView:
 
     def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
                  rand_augment: str = "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)):
-        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.auto_augment import rand_augment_transform  # optional: only the finetune view
 
         self.crop = v2.Compose([
             v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),

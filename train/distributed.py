@@ -92,7 +92,7 @@ def init_distributed() -> WorldInfo:
     os.environ.update(rendezvous_env(dict(os.environ)))
     if torch.cuda.is_available():
         torch.cuda.set_device(cuda_index(info.local_rank, torch.cuda.device_count()))
-    import deepspeed
+    import deepspeed  # heavy: only when initialising a process group
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)

@@ -61,7 +61,7 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cp
             group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
         return Lars(groups, lr=lr, momentum=momentum)
     if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # heavy: only with optimizer offload
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())

@@ -77,7 +77,7 @@ class ViTEncoder(nn.Module):
         # PI-resampling of the patch projection to other patch sizes (caches one matrix per size; no weights)
         self.patch_interpolator = PatchEmbedInterpolator((cfg.patch_size, cfg.patch_size), in_chans, cfg.embed_dim)
         # forward() reads these outside vit.forward(): tell ZeRO-3 to gather them for this module
-        import deepspeed
+        import deepspeed  # heavy: DeepSpeed, loaded when a model is built
 
         for param in (self.vit.cls_token, self.vit.pos_embed, *self.vit.patch_embed.proj.parameters()):
             deepspeed.zero.register_external_parameter(self, param)
