@@ -123,3 +123,15 @@ def test_the_import_graph_has_no_cycles():
     for module in sorted(edges):
         visit(module)
     assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_console_scripts_name_the_command_modules():
+    import configparser
+    import importlib
+
+    setup = configparser.ConfigParser()
+    setup.read(REPO / "setup.cfg")
+    for line in setup["options.entry_points"]["console_scripts"].strip().splitlines():
+        name, target = (part.strip() for part in line.split("="))
+        module, function = target.split(":")
+        assert is_entry_point(modules()[module]) and callable(getattr(importlib.import_module(module), function)), name
