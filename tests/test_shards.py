@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from data_pipeline import shards
-from data_pipeline.shards import convert, folder_sources, list_sources, main, verify
+from data_pipeline.shards import convert, folder_sources, list_sources, verify
+from data_pipeline.shards.__main__ import main
 
 
 def image_bytes(value: int, size=(24, 18), mode="RGB", fmt="JPEG") -> bytes:
