@@ -163,8 +163,7 @@ def learn(cfg, args) -> dict:
 
 def main(argv=None) -> int:
     parser = config_parser("python -m benchmarks.compression", __doc__.split("\n")[0],
-                           "YAML file(s) as for train.pretrain, later ones win")
-    parser.add_argument("command", choices=["speed", "learn"])
+                           "YAML file(s) as for train.pretrain, later ones win", commands=("speed", "learn"))
     parser.add_argument("--steps", type=int, default=10, help="speed: timed steps per setting")
     parser.add_argument("--warmup", type=int, default=3, help="speed: untimed steps per setting")
     parser.add_argument("--points", type=int, default=10, help="speed: equal stretches of training to time")

@@ -20,9 +20,13 @@ USER_ERRORS = (ConfigError, FileNotFoundError, ValueError)  # what the evaluatio
 
 
 def config_parser(prog: str, description: str, config_help: str = "YAML file of settings over the defaults "
-                  "(train/configs/*.yaml); repeat to stack files, later ones win") -> argparse.ArgumentParser:
-    """An argument parser with `--config` (repeatable), the deepspeed launcher's `--local_rank` and overrides."""
+                  "(train/configs/*.yaml); repeat to stack files, later ones win",
+                  commands: tuple[str, ...] = ()) -> argparse.ArgumentParser:
+    """An argument parser with `--config` (repeatable), the deepspeed launcher's `--local_rank` and overrides
+    (after a `command` positional, one of `commands`, when given)."""
     parser = argparse.ArgumentParser(prog=prog, description=description)
+    if commands:
+        parser.add_argument("command", choices=commands)
     parser.add_argument("--config", action="append", help=config_help)
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
                         help="set by the deepspeed launcher; LOCAL_RANK is read from the environment")
