@@ -181,7 +181,8 @@ def test_finetuned_demo_teacher_learns_and_loads(make_cfg, tmp_path):
 
     cfg = make_cfg("method.name=finetune", "method.pool=token", "data.views=finetune", "data.rand_augment=",
                    "method.mixup=0", "method.cutmix=0", "method.random_erase=0", "method.label_smoothing=0",
-                   "train.steps=80", "data.batch_size=32", "optim.base_lr=2.4e-2", "optim.warmup_steps=8",
+                   "method.head_init_std=0.1",
+                   "train.steps=150", "data.batch_size=32", "optim.base_lr=2.4e-2", "optim.warmup_steps=15",
                    "optim.betas=[0.9,0.999]", "run.log_every=100", "run.ckpt_every=100", name="demo_teacher")
     module = train(cfg, build_method).engine.module
     accuracy = evaluate_classifier(module, cfg.data.val, cfg.model.img_size, cfg.data.mean, cfg.data.std)["top1"]
