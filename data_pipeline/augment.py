@@ -29,6 +29,7 @@ from torchvision.transforms import functional as TF
 from torchvision.transforms.v2.functional import pil_to_tensor
 
 from data_pipeline import device_ops
+from data_pipeline.batch import to_device
 
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
@@ -191,8 +192,6 @@ class DeviceSingleView(SingleView):
     def to_device(self, batch: dict, device: torch.device, mean, std) -> dict:
         """Decode, crop, resize, flip and normalise a packed batch on `device` (`_skipped`: how many samples
         could not be decoded and were replaced by others of the batch)."""
-        from data_pipeline.stream import to_device
-
         decoded, source = decode_packed(batch, device)
         params = batch.pop("_params")[source].tolist()
         images = torch.empty(len(decoded), 3, self.img_size, self.img_size, dtype=torch.uint8, device=device)
@@ -225,7 +224,7 @@ class FinetuneView(SingleView):
 
     def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
                  rand_augment: str = "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)):
-        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.auto_augment import rand_augment_transform  # optional: only the finetune view
 
         super().__init__(img_size, crop_scale, hflip)
         hparams = {"translate_const": int(img_size * 0.45), "img_mean": tuple(min(255, round(255 * m)) for m in mean),
@@ -429,8 +428,6 @@ class DeviceMultiView(MultiView):
 
     def to_device(self, batch: dict, device: torch.device, mean, std) -> dict:
         """Decode, augment and normalise a packed batch on `device` (`_skipped` as DeviceSingleView's)."""
-        from data_pipeline.stream import to_device
-
         decoded, source = decode_packed(batch, device)
         params = batch.pop("_params")[source]  # (B, V, NUM_PARAMS)
         out, first = {}, 0
