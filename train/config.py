@@ -3,7 +3,9 @@
 `load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
 validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
 `ConfigError` with one line naming the key, before any model or process group is built.
-A list of YAML files is merged in order (later files win).
+A list of YAML files is merged in order (later files win). A file may start with `_base_: [a.yaml, ...]`:
+those files (paths relative to it, themselves with includes) are merged first, in order, and the file's own
+keys go over them, so a recipe states only what differs from its bases.
 """
 
 import dataclasses
@@ -18,7 +20,8 @@ from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
 PRECISIONS = ("auto", "bf16", "fp32")
 VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune")
 DECODE = ("auto", "cpu", "gpu")
@@ -236,6 +239,8 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
     obj = cls(**kwargs)
     if cls is Config and obj.method is None:
         obj.method = _method_config_class("mae")()
+    if cls is Config and "views" not in (data.get("data") or {}):
+        obj.data.views = getattr(obj.method, "default_views", "single")  # the views the method trains on
     return obj
 
 
@@ -274,20 +279,36 @@ def _merge(tree: dict, delta: dict) -> dict:
     return tree
 
 
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """One YAML file as a tree, its `_base_:` includes (relative to it, nested) merged underneath in order."""
+    file = resolve_path(path)
+    where = f" (in _base_ of {_chain[-1]})" if _chain else ""
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    if file.resolve() in _chain:
+        raise ConfigError(f"{file}: _base_ include cycle: {' -> '.join(map(str, _chain + (file.resolve(),)))}")
+    try:
+        delta = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+    if not isinstance(delta, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of sections")
+    bases = delta.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{file}: _base_ must be a file name or a list of file names, got {bases!r}")
+    tree: dict = {}
+    for base in bases:
+        _merge(tree, read_yaml(file.parent / base, _chain + (file.resolve(),)))
+    return _merge(tree, delta)
+
+
 def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
     """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
     tree: dict = {}
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
-    for file in map(Path, paths):
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        try:
-            delta = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(delta, dict):
-            raise ConfigError(f"{file}: top level must be a mapping of sections")
-        _merge(tree, delta)
+    for file in paths:
+        _merge(tree, read_yaml(file))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = from_dict(Config, tree)
@@ -295,10 +316,16 @@ def load_config(path: str | Path | list | None = None, overrides: list[str] = ()
     return cfg
 
 
-def resolve_path(path: str) -> Path:
-    """A path as given, else relative to the repository (ds_configs/... from any working directory)."""
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, else relative to the repository, else to the installed package (which carries
+    ds_configs/ and configs/ inside `train/`): ds_configs/... and train/configs/... from any directory."""
     p = Path(path)
-    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+    if p.exists() or p.is_absolute():
+        return p
+    for candidate in (REPO_ROOT / p, PACKAGE_DIR / p):
+        if candidate.exists():
+            return candidate
+    return REPO_ROOT / p
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:

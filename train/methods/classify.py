@@ -14,6 +14,7 @@ Both are ordinary methods on the engine (DeepSpeed, checkpoints, exact resume, p
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,7 @@ POOLS = ("avg", "token")
 @dataclass
 class FinetuneConfig:
     name: str = "finetune"
+    default_views: ClassVar[str] = "finetune"  # data.views when the recipe does not set it
     init: str = ""  # pretrained encoder: run dir, checkpoint dir, step_N dir or export; "" = random init
     num_classes: int = 0  # 0: the count the data.train / data.val manifests list
     pool: str = "avg"  # avg: mean of patch tokens + fc_norm (MAE fine-tuning); token: class token after the norm

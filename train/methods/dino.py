@@ -3,6 +3,7 @@ and matches, on every crop, the centred and sharpened output distribution its EM
 *other* global crops."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -20,6 +21,7 @@ from train.models.vit import ViTEncoder
 @dataclass
 class DINOConfig:
     name: str = "dino"
+    default_views: ClassVar[str] = "dino"  # data.views when the recipe does not set it
     out_dim: int = 65536  # prototypes (K) of the head's output
     hidden_dim: int = 2048
     bottleneck_dim: int = 256

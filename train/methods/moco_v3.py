@@ -2,6 +2,7 @@
 encoder's key of the other view of its image among the keys of the whole global batch (symmetric InfoNCE)."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from train.models.vit import ViTEncoder
 @dataclass
 class MoCoV3Config:
     name: str = "moco_v3"
+    default_views: ClassVar[str] = "moco_v3"  # data.views when the recipe does not set it
     proj_dim: int = 256  # output of projector and predictor (official --moco-dim)
     mlp_dim: int = 4096  # hidden width of both MLPs (--moco-mlp-dim)
     temperature: float = 0.2  # InfoNCE temperature (--moco-t; 0.2 for ViTs)

@@ -2,6 +2,7 @@
 2N - 1 other views of the global batch (NT-Xent), negatives gathered from every rank with gradients."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +19,7 @@ from train.models.vit import ViTEncoder
 @dataclass
 class SimCLRConfig:
     name: str = "simclr"
+    default_views: ClassVar[str] = "simclr"  # data.views when the recipe does not set it
     proj_layers: int = 2  # projection MLP depth (SimCLR v1: 2, v2: 3)
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
