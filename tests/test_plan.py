@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import REPO
 from train.methods import build_method
 from train.plan import main
 from train.planning import (
@@ -137,3 +138,12 @@ def test_plan_command(capsys, digits_dir):
     assert main(["--config", "train/configs/mae_demo.yaml", "model.depthh=2"]) == 2
     assert capsys.readouterr().err.strip().splitlines() == ["config error: unknown config key 'model.depthh' "
                                                             "(did you mean 'model.depth'?)"]
+
+
+def test_readme_table_is_the_planners(capsys):
+    """The README's which-ZeRO-config table is what `python -m train.plan --table` prints for the MAE recipes."""
+    readme = (REPO / "README.md").read_text()
+    table = readme.split("<!-- plan table -->\n")[1].split("\n<!-- /plan table -->")[0]
+    recipes = [f"train/configs/mae_vit_{size}.yaml" for size in "blh"]
+    assert main(["--table", *recipes]) == 0
+    assert capsys.readouterr().out.strip() == table.strip()
