@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO
+from helpers import REPO
 from train.methods import build_method
 from train.plan import main
 from train.planning import (

@@ -10,19 +10,19 @@ micro-batch that fits, communication per step and a modelled step time; then the
 that fits, as the overrides to run it with. The model behind the numbers is in `train/planning.py`.
 """
 
-import argparse
 import sys
 
-from train.config import ConfigError, load_config
+from train.cli import config_parser, run_command
+from train.config import ConfigError
 from train.methods import build_method
 from train.planning import GB, footprint, human, parameters, plan
+from train.recipe import load_config
 
 SCENARIOS = ("1x80", "8x80", "64x80", "64x40")
 
 
 def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m train.plan", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", action="append", help="the run's YAML file(s), stacked in order")
+    parser = config_parser("python -m train.plan", __doc__.split("\n")[0], "the run's YAML file(s), stacked in order")
     parser.add_argument("--table", nargs="+", metavar="RECIPE",
                         help="instead: one row per recipe of the recommended setting on the GPU counts and memory "
                              "sizes of --scenarios (the README's table)")
@@ -36,7 +36,6 @@ def parse_args(argv):
                         help="GB/s per GPU of the slowest link collectives cross (InfiniBand HDR: ~25)")
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="bf16 matmul peak per GPU (H100/H200: ~790)")
     parser.add_argument("--mfu", type=float, default=0.45, help="model FLOPs utilisation assumed for compute time")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=128")
     return parser.parse_intermixed_args(argv)
 
 
@@ -91,23 +90,20 @@ def table(recipes: list[str], scenarios: list[str], **model) -> str:
 def main(argv=None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     model = dict(reserve=args.reserve, peak_flops=args.peak_tflops * 1e12, mfu=args.mfu, bandwidth=args.bandwidth)
-    if bool(args.table) == bool(args.config):
-        print("config error: give --config RECIPE (one plan) or --table RECIPE ... (the summary table)",
-              file=sys.stderr)
-        return 2
-    try:
+
+    def body():
+        if bool(args.table) == bool(args.config):
+            raise ConfigError("give --config RECIPE (one plan) or --table RECIPE ... (the summary table)")
         if args.table:
             print(table(args.table, args.scenarios, **model))
-            return 0
+            return
         cfg = load_config(args.config, args.overrides, args.gpus)
         global_batch = cfg.train.global_batch_size or cfg.data.batch_size * args.gpus
         fp = footprint(cfg, build_method)
         rows, best = plan(fp, args.gpus, global_batch, args.gpu_memory, **model)
-    except (ConfigError, ValueError) as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    print(report(cfg, fp, rows, best, args.gpus, args.gpu_memory, args.reserve, global_batch))
-    return 0
+        print(report(cfg, fp, rows, best, args.gpus, args.gpu_memory, args.reserve, global_batch))
+
+    return run_command(body, errors=(ConfigError, ValueError))
 
 
 if __name__ == "__main__":

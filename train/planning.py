@@ -249,7 +249,7 @@ def footprint(cfg: Config, build_method, total_steps: int = 1000) -> Footprint:
     cfg.model.grad_checkpointing = False  # traced eagerly; checkpointing is modelled from the per-block counts
     with torch.device("meta"):
         method = build_method(cfg)
-    getattr(method, "set_total_steps", lambda *_: None)(total_steps, None)
+    method.set_total_steps(total_steps, None)
     act, act_ckpt = traced_activations(method, cfg)
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     frozen = sum(p.numel() for p in method.parameters() if not p.requires_grad)
