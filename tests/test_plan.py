@@ -4,13 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import REPO
+from helpers import REPO, tiny_overrides
 from train.methods import build_method
 from train.plan import main
 from train.planning import (
     GB,
     Footprint,
-    Setting,
+    ZeroSetting,
     comm_bytes,
     footprint,
     meta_batch,
@@ -119,10 +119,10 @@ def tiny_footprint(**kw) -> Footprint:
 def test_plan_picks_the_fastest_setting_that_fits():
     fp = tiny_footprint()  # 1B parameters: 22 GB of states under ZeRO-1/2 on one GPU, 20.04 GB under ZeRO-3
     rows, best = plan(fp, gpus=1, global_batch=512, gpu_memory=80)  # 77 GB usable
-    assert best.setting == Setting(1, False, False) and best.micro_batch == 512  # 22 + 512 x 0.1 GB
-    assert {r.setting: r.micro_batch for r in rows}[Setting(3, False, False)] == 512
+    assert best.setting == ZeroSetting(1, False, False) and best.micro_batch == 512  # 22 + 512 x 0.1 GB
+    assert {r.setting: r.micro_batch for r in rows}[ZeroSetting(3, False, False)] == 512
     _, best = plan(fp, gpus=1, global_batch=512, gpu_memory=23.5)  # 20.5 GB: only ZeRO-3 leaves room
-    assert best.setting == Setting(3, False, False) and best.micro_batch == 4  # 20.04 + 4 x 0.1 GB
+    assert best.setting == ZeroSetting(3, False, False) and best.micro_batch == 4  # 20.04 + 4 x 0.1 GB
     _, best = plan(tiny_footprint(outside=100 * GB), gpus=8, global_batch=512, gpu_memory=80)
     assert best is None
     with pytest.raises(ValueError, match="not a multiple"):
@@ -147,3 +147,30 @@ def test_readme_table_is_the_planners(capsys):
     recipes = [f"train/configs/mae_vit_{size}.yaml" for size in "blh"]
     assert main(["--table", *recipes]) == 0
     assert capsys.readouterr().out.strip() == table.strip()
+
+
+@pytest.mark.e2e
+def test_run_logs_its_plan_and_out_of_memory_is_one_line(tmp_path, digits_dir, monkeypatch, capsys, caplog):
+    """The start of a run logs the planner's estimate; running out of GPU memory ends it with the suggestion."""
+    from train.methods.mae import MAE
+    from train.pretrain import main as pretrain
+
+    args = [*tiny_overrides(), f"run.output_dir={tmp_path / 'run'}", f"data.train={digits_dir / 'train.json'}",
+            f"data.val={digits_dir / 'val.json'}", "train.steps=3"]
+
+    forward = MAE.forward
+
+    def oom(self, batch, step):  # the planner's meta-device trace still runs the real forward
+        if batch["images"].device.type == "meta":
+            return forward(self, batch, step)
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(MAE, "forward", oom)
+    with caplog.at_level("INFO", logger="train"):
+        assert pretrain(args) == 2
+    assert any(r.getMessage().startswith("plan: expected ") and "per GPU" in r.getMessage() for r in caplog.records)
+    err = capsys.readouterr().err.strip().splitlines()
+    (line,) = [e for e in err if "out of GPU memory" in e]  # once, as the last line, no traceback
+    assert line == err[-1] and not any("Traceback" in e for e in err)
+    assert line.startswith("error: out of GPU memory at step 0 (zero1.json, micro-batch 8; planned ")
+    assert "the planner suggests zero1 at micro-batch" in line and "python -m train.plan --config" in line

@@ -47,7 +47,7 @@ class Footprint:
 
 
 @dataclass(frozen=True)
-class Setting:
+class ZeroSetting:
     """One way to run: a ZeRO stage (optionally with the optimizer offloaded) and activation checkpointing."""
 
     stage: int
@@ -64,13 +64,13 @@ class Setting:
         return f"ds_configs/zero{self.stage}" + ("_offload" if self.offload else "") + ".json"
 
 
-SETTINGS = tuple(Setting(stage, offload, ckpt) for ckpt in (False, True)
+SETTINGS = tuple(ZeroSetting(stage, offload, ckpt) for ckpt in (False, True)
                  for stage, offload in ((1, False), (2, False), (3, False), (3, True)))
 
 
 @dataclass(frozen=True)
 class Estimate:
-    setting: Setting
+    setting: ZeroSetting
     micro_batch: int
     accumulation: int
     states: float  # bytes of parameters + gradients + optimizer states per GPU
@@ -263,7 +263,7 @@ def micro_batches(per_gpu: int) -> list[int]:
     return [b for b in range(per_gpu, 0, -1) if per_gpu % b == 0]
 
 
-def estimate(fp: Footprint, setting: Setting, gpus: int, global_batch: int, micro_batch: int, *,
+def estimate(fp: Footprint, setting: ZeroSetting, gpus: int, global_batch: int, micro_batch: int, *,
              grad_fp32: bool = True, peak_flops: float = 790e12, mfu: float = 0.45, bandwidth: float = 25.0,
              overlap: float = 0.5) -> Estimate:
     """Memory per GPU and modelled step time of one setting at one micro-batch."""
