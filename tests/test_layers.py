@@ -15,7 +15,7 @@ LAYERS = [
     ("weights and teachers", [r"train\.weights", r"train\.teachers(\.(clip|kmeans|tokenizer))?"]),
     ("methods", [r"train\.methods(\..*)?"]),
     ("engine and evaluation", [r"train\.engine(\..*)?", r"train\.eval(\.(features|metrics|quick))?",
-                               r"train\.compression\.diagnostic"]),
+                               r"train\.compression\.diagnostic", r"train\.planning"]),
     ("recipe", [r"train\.recipe"]),
     ("command-line helpers", [r"train\.cli"]),
     ("entry points", []),  # modules with a main() (commands): nothing in the packages imports them

@@ -13,6 +13,7 @@ these with the method registry. Every mistake (unknown key, wrong type, impossib
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -391,6 +392,47 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
+    check_accelerate_env(cfg, zero, world_size)
+
+
+def check_accelerate_env(cfg: Config, zero: dict, world_size: int, env: dict | None = None) -> None:
+    """Under `accelerate launch`, its DeepSpeed and precision settings must agree with the run's, which decide.
+
+    accelerate hands its config to the processes as ACCELERATE_* variables, while the run builds its own
+    DeepSpeed engine from `train.deepspeed` and the run config: a differing value would be silently ignored.
+    accelerate's defaults (no mixed precision, accumulation 1, no offload, no clipping) count as unset.
+    """
+    env = os.environ if env is None else env
+    t, d = cfg.train, cfg.data
+
+    def conflict(name: str, theirs: str, ours: str):
+        raise ConfigError(f"accelerate launch: {name}={theirs} but the run has {ours}; the run's settings decide: "
+                          "make them agree or drop the value from the accelerate config")
+
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16":
+        conflict("mixed_precision", precision, "no fp16 support (use bf16)")
+    if precision == "bf16" and t.precision == "fp32":
+        conflict("mixed_precision", precision, "train.precision=fp32")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    stage = zero.get("stage", 0)
+    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage)) != str(stage):
+        conflict("zero_stage", env["ACCELERATE_DEEPSPEED_ZERO_STAGE"], f"stage {stage} (train.deepspeed={t.deepspeed})")
+    file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if file and resolve_path(file).resolve() != resolve_path(t.deepspeed).resolve():
+        conflict("deepspeed_config_file", file, f"train.deepspeed={t.deepspeed}")
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
+    if env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("none", offload):
+        conflict("offload_optimizer_device", env["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"],
+                 f"{offload} (train.deepspeed={t.deepspeed})")
+    accumulation = (t.global_batch_size or d.batch_size * world_size) // (d.batch_size * world_size)
+    if env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1") not in ("1", str(accumulation)):
+        conflict("gradient_accumulation_steps", env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"],
+                 f"{accumulation} (train.global_batch_size / (data.batch_size x {world_size} processes))")
+    clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clip and float(clip) != cfg.optim.clip_grad:
+        conflict("gradient_clipping", clip, f"optim.clip_grad={cfg.optim.clip_grad:g}")
 
 
 def save_config(cfg: Config, path: Path) -> None:

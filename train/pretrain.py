@@ -11,8 +11,9 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 
 from train.cli import config_of, config_parser, run_command
+from train.config import ConfigError
 from train.distributed import world_info_from_env
-from train.engine import train
+from train.engine import OutOfMemory, train
 from train.eval.quick import evaluate_encoder
 from train.methods import build_method
 from train.models.vit import ViTEncoder
@@ -46,7 +47,7 @@ def end_of_run_eval(cfg, result) -> dict:
 def main(argv=None) -> int:
     args = config_parser("python -m train.pretrain", __doc__.split("\n")[0]).parse_intermixed_args(
         sys.argv[1:] if argv is None else argv)
-    return run_command(lambda: pretrain(args))
+    return run_command(lambda: pretrain(args), errors=(ConfigError, OutOfMemory))
 
 
 def pretrain(args) -> None:

@@ -17,12 +17,14 @@ from train.compression import FULL, step_seed
 from train.config import Config
 from train.engine.meter import Meter
 from train.engine.setup import (
+    OutOfMemory,
     Run,
     StopFlag,
     architecture,
     build_engine,
     deepspeed_config,
     offloads_optimizer,
+    out_of_memory_message,
     setup,
     steps_per_epoch_for,
     total_steps_for,
@@ -30,8 +32,8 @@ from train.engine.setup import (
 )
 from train.methods.base import Method
 
-__all__ = ["RunResult", "Run", "StopFlag", "architecture", "build_engine", "deepspeed_config", "offloads_optimizer",
-           "setup", "steps_per_epoch_for", "total_steps_for", "train", "use_bf16"]
+__all__ = ["RunResult", "OutOfMemory", "Run", "StopFlag", "architecture", "build_engine", "deepspeed_config",
+           "offloads_optimizer", "setup", "steps_per_epoch_for", "total_steps_for", "train", "use_bf16"]
 log = logging.getLogger("train")
 
 
@@ -105,6 +107,8 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
                 break
         if batch is not None:
             run.monitor.images(step, method.visualize(batch))
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(out_of_memory_message(cfg, build_method, run.ds_config, run.world.world_size, step)) from None
     finally:
         run.stop.restore()
         run.monitor.close()

@@ -25,6 +25,7 @@ from train.methods.base import Method
 from train.monitor import Monitor
 from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
 from train.optim import peak_lr as optim_peak_lr
+from train.planning import GB, Estimate, ZeroSetting, estimate, footprint, human, plan
 from train.speed import compile_blocks, enable_fast_kernels
 
 log = logging.getLogger("train")
@@ -152,6 +153,7 @@ class Run:
     warmup_steps: int
     global_batch: int
     accum: int  # micro-batches per optimizer step
+    ds_config: dict  # the DeepSpeed config the engine was built with
     step: int  # optimizer steps completed (resumed runs: from the checkpoint)
     loader: StreamLoader
     aux_loaders: dict[str, StreamLoader]  # the method's own streams (aux_streams)
@@ -204,6 +206,7 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
                    for name, (urls, batch_size) in method.aux_streams().items()}
     if world.is_main:
         log_setup(cfg, method, total_steps, warmup_steps, ds_config, world.world_size, peak_lr)
+        log.info("%s", expected_memory(cfg, build_method, ds_config, world.world_size))
     monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
     # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
     compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
@@ -211,7 +214,8 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
                   if cfg.compression.diagnose_every else None)
     method.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     return Run(cfg, world, device, engine, optimizer, peak_lr, total_steps, warmup_steps,
-               ds_config["train_batch_size"], ds_config["gradient_accumulation_steps"], step, loader, aux_loaders,
+               ds_config["train_batch_size"], ds_config["gradient_accumulation_steps"], ds_config, step, loader,
+               aux_loaders,
                monitor, compression, diagnostic, StopFlag())
 
 
@@ -259,3 +263,45 @@ def log_setup(cfg: Config, method, total_steps: int, warmup_steps: int, ds_confi
              batch, cfg.data.batch_size, world_size, ds_config["gradient_accumulation_steps"],
              "bf16" if use_bf16(cfg) else "fp32", Path(cfg.train.deepspeed).name)
     log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, batch, peak_lr)
+
+
+class OutOfMemory(RuntimeError):
+    """The run did not fit in GPU memory; the message names the planner's suggestion."""
+
+
+def planned(cfg: Config, build_method: Callable[[Config], Method], ds_config: dict, world_size: int) -> Estimate:
+    """The planner's estimate (`train.planning`) for this run's own setting."""
+    zero = ds_config.get("zero_optimization", {})
+    setting = ZeroSetting(zero.get("stage", 0) or 1, offloads_optimizer(ds_config), cfg.model.grad_checkpointing)
+    grad_fp32 = ds_config.get("data_types", {}).get("grad_accum_dtype") == "fp32"
+    return estimate(footprint(cfg, build_method), setting, world_size, ds_config["train_batch_size"],
+                    cfg.data.batch_size, grad_fp32=grad_fp32)
+
+
+def expected_memory(cfg: Config, build_method: Callable[[Config], Method], ds_config: dict, world_size: int) -> str:
+    """One log line: the planner's per-GPU memory for this setting (never fails the run)."""
+    try:
+        e = planned(cfg, build_method, ds_config, world_size)
+    except Exception as err:  # the estimate is advice: a method the meta device cannot trace still trains
+        return f"plan: no estimate ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return (f"plan: expected {human(e.total)} per GPU ({human(e.states)} model states, {human(e.extras)} outside "
+            f"DeepSpeed, {human(e.activations)} activations at micro-batch {e.micro_batch}); "
+            "`python -m train.plan --config ...` compares the settings")
+
+
+def out_of_memory_message(cfg: Config, build_method: Callable[[Config], Method], ds_config: dict,
+                          world_size: int, step: int) -> str:
+    """One line for an out-of-memory error: where, what was expected, and the planner's suggestion."""
+    device = torch.cuda.get_device_properties(0).total_memory / GB if torch.cuda.is_available() else 80.0
+    setting = f"{Path(cfg.train.deepspeed).name}, micro-batch {cfg.data.batch_size}"
+    try:
+        expected = f"; planned {human(planned(cfg, build_method, ds_config, world_size).total)}"
+        _, best = plan(footprint(cfg, build_method), world_size, ds_config["train_batch_size"], device)
+    except Exception:  # the message must come out whatever the planner makes of this method
+        expected, best = "", None
+    advice = ("the planner finds no setting that fits" if best is None else
+              f"the planner suggests {best.setting.name} at micro-batch {best.micro_batch}: train.deepspeed="
+              f"{best.setting.deepspeed} data.batch_size={best.micro_batch}"
+              + (" model.grad_checkpointing=true" if best.setting.checkpointing else ""))
+    return (f"out of GPU memory at step {step} ({setting}{expected} of {device:.0f} GB); {advice} "
+            f"(python -m train.plan --config <recipe> --gpus {world_size} --gpu-memory {device:.0f})")
