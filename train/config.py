@@ -1,11 +1,13 @@
-"""Typed run configuration: dataclass defaults, a YAML delta per run, dotted command-line overrides.
+"""Typed run configuration: the section dataclasses, YAML deltas + dotted overrides, section-local checks.
 
-`load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
-validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
+The bottom layer: it imports nothing of the project. `read_tree(files, overrides)` merges YAML files
+(later ones win) and `a.b=value` overrides into one nested dict; a file may start with
+`_base_: [a.yaml, ...]`: those files (paths relative to it, themselves with includes) are merged first,
+in order, and the file's own keys go over them, so a recipe states only what differs from its bases.
+`from_dict(Config, tree, method_config)` types it (the method section's dataclass comes from
+`method_config(name)`); `validate` checks each section on its own. `train.recipe.load_config` composes
+these with the method registry. Every mistake (unknown key, wrong type, impossible combination) raises
 `ConfigError` with one line naming the key, before any model or process group is built.
-A list of YAML files is merged in order (later files win). A file may start with `_base_: [a.yaml, ...]`:
-those files (paths relative to it, themselves with includes) are merged first, in order, and the file's own
-keys go over them, so a recipe states only what differs from its bases.
 """
 
 import dataclasses
@@ -13,6 +15,7 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune")
 DECODE = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd", "lars")
+DEFAULT_METHOD = "mae"
 
 
 class ConfigError(ValueError):
@@ -148,18 +152,6 @@ class Config:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
 
-def _method_class(name: Any):
-    from train.methods import METHODS
-
-    if name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def _method_config_class(name: Any):
-    return _method_class(name).Config
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where it is lossless."""
     origin = typing.get_origin(tp)
@@ -211,8 +203,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(cls: type, data: Any, prefix: str = "", method_config: Callable[[str], type] | None = None) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types.
+
+    For `Config`, `method_config(name)` gives the dataclass of the method section (`method.name`, default mae).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -232,12 +227,12 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             method = data[name] or {}
             if not isinstance(method, dict):
                 raise ConfigError(f"method: expected a mapping with a 'name', got {method!r}")
-            kwargs[name] = from_dict(_method_config_class(method.get("name", "mae")), method, "method.")
+            kwargs[name] = from_dict(method_config(method.get("name", DEFAULT_METHOD)), method, "method.")
         else:
             kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
     obj = cls(**kwargs)
     if cls is Config and obj.method is None:
-        obj.method = _method_config_class("mae")()
+        obj.method = method_config(DEFAULT_METHOD)()
     if cls is Config and "views" not in (data.get("data") or {}):
         obj.data.views = getattr(obj.method, "default_views", "single")  # the views the method trains on
     return obj
@@ -302,17 +297,15 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     return _merge(tree, delta)
 
 
-def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
+def read_tree(path: str | Path | list | None = None, overrides: list[str] = ()) -> dict:
+    """YAML deltas (several files: later ones win) with `a.b=value` overrides applied, as one nested dict."""
     tree: dict = {}
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
     for file in paths:
         _merge(tree, read_yaml(file))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    cfg = from_dict(Config, tree)
-    validate(cfg, world_size)
-    return cfg
+    return tree
 
 
 def resolve_path(path: str | Path) -> Path:
@@ -328,7 +321,8 @@ def resolve_path(path: str | Path) -> Path:
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Reject impossible combinations with one line each."""
+    """Reject impossible combinations within the sections with one line each (the method's own checks and
+    what depends on the method come after, in `train.recipe.load_config`)."""
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
@@ -366,7 +360,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
     if t.compile:
-        from torch._dynamo import list_backends
+        from torch._dynamo import list_backends  # heavy: loaded only when compiling
 
         backends = list_backends(exclude_tags=())
         if t.compile not in backends:
@@ -384,9 +378,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
-    if o.layer_decay < 1 and not hasattr(_method_class(cfg.method.name), "group_matcher"):
-        raise ConfigError(f"optim.layer_decay needs a method with layer groups (group_matcher); "
-                          f"{cfg.method.name} has none")
     if o.optimizer == "lars" and (zero.get("stage", 0) != 0 or t.precision != "fp32"):
         raise ConfigError("optim.optimizer=lars needs train.deepspeed=ds_configs/zero0.json and train.precision=fp32: "
                           "ZeRO partitions and bf16 master weights flatten parameters, breaking LARS's per-layer "
@@ -399,12 +390,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
-    check = getattr(cfg.method, "validate", None)
-    if check is not None:
-        check(cfg)
-    from train.compression import validate_compression
-
-    validate_compression(cfg)
 
 
 def save_config(cfg: Config, path: Path) -> None:
