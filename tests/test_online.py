@@ -35,7 +35,27 @@ def test_monitor_on_the_digits_subset(digits_dir, make_cfg):
                             torch.device("cpu"), batch_size=32)
     assert len(monitor.labels) == 128  # whole batches, the same count on every rank
     scores = monitor(encoder)
-    assert set(scores) == {"monitor/knn_top1", "monitor/rankme", "monitor/feature_std"}
+    assert set(scores) == {"monitor/knn_top1", "monitor/rankme", "monitor/feature_std", "perf/monitor_fraction"}
+    assert 0 < scores.pop("perf/monitor_fraction") <= 1
     assert 10 < scores["monitor/knn_top1"] <= 100  # a random ViT's features already beat chance on digits
     assert 1 < scores["monitor/rankme"] <= cfg.model.embed_dim
-    assert monitor(encoder) == scores  # the same subset, the same features: deterministic
+    again = monitor(encoder)
+    again.pop("perf/monitor_fraction")
+    assert again == scores  # the same subset, the same features: deterministic
+
+
+@pytest.mark.e2e
+def test_training_run_logs_the_monitor(make_cfg):
+    """eval.every: monitor/* scalars at those steps and at the end, the run's losses untouched."""
+    from helpers import losses, read_metrics
+    from train.engine import train
+    from train.methods import build_method
+
+    plain = make_cfg("train.steps=5", name="plain")
+    train(plain, build_method)
+    cfg = make_cfg("train.steps=5", "eval.every=2", "eval.monitor_samples=64", name="monitored")
+    train(cfg, build_method)
+    rows = read_metrics(cfg.output_dir)
+    assert [s for s, r in sorted(rows.items()) if "monitor/knn_top1" in r] == [2, 4, 5]
+    assert all(0 < rows[s]["perf/monitor_fraction"] < 1 for s in (2, 4, 5))
+    assert losses(cfg.output_dir) == losses(plain.output_dir)  # monitoring draws from no training RNG

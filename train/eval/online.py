@@ -10,11 +10,14 @@ each rank its share):
   indicator): 0 for a constant embedding, about 1/sqrt(D) for a spread-out one.
 """
 
+import time
+
 import torch
 import torch.nn.functional as F
 
-from train.eval.features import all_gather_rows, encode, eval_batches
-from train.eval.knn import knn_predict, topk_accuracy
+from train.eval.features import all_gather_rows, eval_batches
+from train.eval.metrics import knn_predict, topk_accuracy
+from train.models.vit import pooled_features
 
 
 def rankme(features: torch.Tensor, eps: float = 1e-7) -> float:
@@ -46,15 +49,18 @@ class OnlineMonitor:
             if index + 1 == rounds:
                 break
         self.labels = all_gather_rows(torch.cat(self.labels).to(device)).cpu() if self.labels else torch.zeros(0)
+        self.seconds, self.started = 0.0, time.perf_counter()
         if len(self.labels) < 4 or (self.labels < 0).any():
             raise ValueError(f"eval.every needs labelled samples in data.val={shards} (found {len(self.labels)}, "
                              "labels -1 mean shards without cls)")
 
     @torch.no_grad()
     def __call__(self, encoder) -> dict[str, float]:
+        """The scores of `encoder`, and `perf/monitor_fraction`: the share of the time since set-up spent here."""
+        t0 = time.perf_counter()
         was_training = encoder.training
         encoder.eval()
-        feats = [encode(encoder, images.to(self.device, torch.float32), "token") for images in self.images]
+        feats = [pooled_features(encoder, images.to(self.device, torch.float32), "token") for images in self.images]
         encoder.train(was_training)
         feats = all_gather_rows(torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dim, device=self.device))
         feats, labels = feats.cpu(), self.labels
@@ -62,5 +68,8 @@ class OnlineMonitor:
         num_classes = int(labels.max()) + 1
         votes = knn_predict(feats[bank], labels[bank], feats[queries], num_classes, min(self.k, len(feats[bank])),
                             self.temperature)
-        return {"monitor/knn_top1": topk_accuracy(votes, labels[queries])["top1"],
-                "monitor/rankme": rankme(feats), "monitor/feature_std": feature_std(feats)}
+        scores = {"monitor/knn_top1": topk_accuracy(votes, labels[queries])["top1"],
+                  "monitor/rankme": rankme(feats), "monitor/feature_std": feature_std(feats)}
+        now = time.perf_counter()
+        self.seconds += now - t0
+        return {**scores, "perf/monitor_fraction": self.seconds / (now - self.started)}
