@@ -14,7 +14,7 @@ LAYERS = [
                 r"train\.compression"]),
     ("weights and teachers", [r"train\.weights", r"train\.teachers(\.(clip|kmeans|tokenizer))?"]),
     ("methods", [r"train\.methods(\..*)?"]),
-    ("engine and evaluation", [r"train\.engine(\..*)?", r"train\.eval(\.(features|metrics|quick))?",
+    ("engine and evaluation", [r"train\.engine(\..*)?", r"train\.eval(\.(features|metrics|quick|online))?",
                                r"train\.compression\.diagnostic", r"train\.planning"]),
     ("recipe", [r"train\.recipe"]),
     ("command-line helpers", [r"train\.cli"]),

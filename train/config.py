@@ -115,6 +115,8 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     probe_epochs: int = 100
+    every: int = 0  # steps between online monitors (k-NN, RankMe, feature std on a data.val subset); 0: off
+    monitor_samples: int = 2000  # size of that fixed subset (rounded up to whole batches)
 
 
 @dataclass
@@ -388,6 +390,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.optimizer={o.optimizer}: optimizer offload runs DeepSpeed's CPU Adam; use adamw")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
+    if cfg.eval.every < 0 or cfg.eval.monitor_samples < 4:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 and eval.monitor_samples="
+                          f"{cfg.eval.monitor_samples} >= 4")
+    if cfg.eval.every and not d.val:
+        raise ConfigError("eval.every: the online monitor reads a labelled subset of data.val; set data.val")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():

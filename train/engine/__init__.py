@@ -83,6 +83,9 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
             if run.diagnostic and step % cfg.compression.diagnose_every == 0 and not setting.is_full:
                 with meter.excluded():  # every rank takes part (gradients are averaged over ranks)
                     diagnosed = run.diagnostic(method, batch, step - 1, setting)
+            if run.online and (step % cfg.eval.every == 0 or step == run.total_steps):
+                with meter.excluded():  # collective: every rank embeds its share of the subset
+                    run.monitor.scalars(step, run.online(method.eval_encoder()), console=False)
             stopped = run.stop.agreed()
             save_now = stopped or step % cfg.run.ckpt_every == 0 or step == run.total_steps
             if save_now or step % cfg.run.log_every == 0:

@@ -21,6 +21,7 @@ from train.compression import CompressionSchedule
 from train.compression.diagnostic import GradientDiagnostic
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, global_batch, init_distributed
+from train.eval.online import OnlineMonitor
 from train.methods.base import Method
 from train.monitor import Monitor
 from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
@@ -160,6 +161,7 @@ class Run:
     monitor: Monitor
     compression: CompressionSchedule
     diagnostic: GradientDiagnostic | None
+    online: OnlineMonitor | None  # eval.every: the fixed data.val subset the encoder is scored on
     stop: StopFlag
 
     def schedule(self, step: int) -> dict[str, float]:
@@ -212,11 +214,13 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
     diagnostic = (GradientDiagnostic(lambda: build_method(cfg), device, use_bf16(cfg), seed=cfg.run.seed)
                   if cfg.compression.diagnose_every else None)
+    online = (OnlineMonitor(cfg.data.val, cfg.eval.monitor_samples, cfg.model.img_size, cfg.data.mean, cfg.data.std,
+                            device, k=cfg.eval.knn_k, temperature=cfg.eval.knn_temperature,
+                            world_size=world.world_size) if cfg.eval.every else None)
     method.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     return Run(cfg, world, device, engine, optimizer, peak_lr, total_steps, warmup_steps,
                ds_config["train_batch_size"], ds_config["gradient_accumulation_steps"], ds_config, step, loader,
-               aux_loaders,
-               monitor, compression, diagnostic, StopFlag())
+               aux_loaders, monitor, compression, diagnostic, online, StopFlag())
 
 
 def resume(cfg: Config, engine, world: WorldInfo) -> tuple[int, dict | None, dict]:
