@@ -6,16 +6,20 @@
 # Run where the package registries are reachable, with a Python that has torch (DeepSpeed's setup
 # imports it). The GPU machine's Python (3.12, manylinux x86_64) is assumed to hold torch,
 # torchvision, timm, tensorboard, pyyaml, safetensors and scikit-learn (BASE) but not the rest of the
-# project's dependencies. OUT_DIR receives exactly the wheels of the packages the project needs
-# beyond BASE and BASE's own dependencies (deepspeed, webdataset, braceexpand, hjson, pydantic, ...):
-# pip resolves the whole set and the BASE set alone for the target platform (metadata only, nothing
-# large is downloaded) and keeps the difference. DeepSpeed is built here from its sdist into a pure
-# Python wheel with DS_BUILD_OPS=0 (its ops compile on first use, on the GPU machine).
+# project's dependencies. OUT_DIR receives the wheels of exactly the packages the project needs beyond
+# BASE and BASE's own dependencies (deepspeed, webdataset, braceexpand, hjson, pydantic, pydantic-core,
+# annotated-types, typing-inspection, msgpack, ninja, psutil, py-cpuinfo, einops): pip resolves the
+# whole set and the BASE set alone for the target platform (metadata only, nothing large is downloaded)
+# and keeps the difference, plus any BASE dependency those packages need a minimum version of
+# (pydantic: typing-extensions>=4.16), so an older copy on the machine can be upgraded offline.
+# DeepSpeed is built here from its sdist into a pure-Python wheel with DS_BUILD_OPS=0 (its ops, if
+# any run needs one, compile on first use on the GPU machine).
 #
 # DEVICE_FREEZE (optional): `python3 -m pip list --format=freeze` of the GPU machine's Python. Its
 # versions constrain the resolution and the packages it already has are not downloaded.
 #
-# The wheels are about 7 MB, well inside what a device call carries; the printed total says so.
+# The wheels come to about 6 MB (printed at the end). To ship them with a checkout, put OUT_DIR inside it
+# and keep it out of git (e.g. a line in .git/info/exclude).
 set -euo pipefail
 
 OUT=${1:?usage: bash benchmarks/fetch_wheels.sh OUT_DIR [DEVICE_FREEZE]}

@@ -9,7 +9,7 @@ from conftest import REPO
 
 
 def test_gpu_proof_cpu_mode_runs_every_part(tmp_path):
-    from benchmarks.gpu_proof import CELL_NAMES, PARTS
+    from benchmarks.gpu_proof import CELL_NAMES, CPU_CELLS, PARTS
 
     out = tmp_path / "proof"
     env = {**os.environ, "PYTHON": sys.executable, "DS_ACCELERATOR": "cpu"}
@@ -20,6 +20,9 @@ def test_gpu_proof_cpu_mode_runs_every_part(tmp_path):
     report = json.loads((out / "gpu_proof.json").read_text())
     assert list(report["parts"]) == list(PARTS)
     for name, part in report["parts"].items():
+        if CPU_CELLS.get(name):  # a cell whose code path another cell runs
+            assert part == {"skipped": f"CPU mode: the code path of {CPU_CELLS[name]}"}
+            continue
         assert "error" not in part and "skipped" not in part, (name, part)
         assert part["seconds"] > 0
         if name in CELL_NAMES:
@@ -33,11 +36,10 @@ def test_gpu_proof_cpu_mode_runs_every_part(tmp_path):
                                                         "simclr", "mae_compressed", "moco_v3_compressed"}
     # the targets are checked (meaningless numbers on the CPU, but the code path runs)
     checks = " ".join(report["checks"])
-    for target in ("engine overhead vit_l16 mae zero1", "MAE ViT-L engine", "full-token ViT-L engine MFU",
-                   "ZeRO-3 full-token vit_l16", "DINO ViT-L/16", "data path, GPU decode", "MoCo v3 ViT-L step time",
-                   "train.pretrain MAE ViT-B"):
+    for target in ("engine overhead vit_l16 mae zero1", "MAE ViT-L engine", "DINO ViT-L/16", "data path, GPU decode",
+                   "MoCo v3 ViT-L step time", "train.pretrain MAE ViT-B"):
         assert target in checks, target
     table = (out / "gpu_proof.md").read_text()
     assert "| mae_compiled |" in table and "(target" in table and "PASS" in table
     cells = json.loads((out / "step_cells.json").read_text())
-    assert {c["backend"] for c in cells} == {"plain", "zero1", "zero2", "zero3"}
+    assert {c["backend"] for c in cells} == {"plain", "zero1", "zero3"}
