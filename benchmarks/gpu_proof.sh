@@ -15,8 +15,10 @@ WHEELS=${1:?usage: bash benchmarks/gpu_proof.sh WHEEL_DIR OUT_DIR [--cpu] [optio
 OUT=${2:?usage: bash benchmarks/gpu_proof.sh WHEEL_DIR OUT_DIR [--cpu] [options]}
 shift 2
 PY=${PYTHON:-python3}
-cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+[ "$WHEELS" = - ] || [ ! -d "$WHEELS" ] || WHEELS=$(cd "$WHEELS" && pwd)
+cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 
 MODULES="deepspeed webdataset braceexpand hjson pydantic"
