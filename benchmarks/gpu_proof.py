@@ -41,13 +41,33 @@ import argparse
 import json
 import math
 import os
+import selectors
 import shutil
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+
+import timm
+import torch
+
+from benchmarks.compression import time_steps
+from benchmarks.data_throughput import device_side, loader, make_shards, rate
+from benchmarks.step_throughput import MODELS, build_step, overrides_for, run_cell, target_checks
+from data_pipeline.augment import DeviceSingleView, SingleView, decode_image
+from data_pipeline.batch import synthetic_batch
+from data_pipeline.stream import StreamLoader, to_device
+from train.compression import Setting
+from train.distributed import init_distributed
+from train.engine import train, use_bf16
+from train.methods import build_method
+from train.optim import make_optimizer, param_groups
+from train.recipe import load_config
+from train.speed import enable_fast_kernels
 
 REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -117,7 +137,6 @@ class Sizes:
 
 def shards(work: Path, sizes: Sizes) -> tuple[list[str], Path]:
     """Synthetic ImageNet-like JPEG shards (benchmarks.data_throughput's), written once into `work`."""
-    from benchmarks.data_throughput import make_shards
 
     urls, _ = make_shards(work / "shards", sizes.images, sizes.per_shard, sizes.source)
     return urls, Path(urls[0]).parent / "train.json"
@@ -125,8 +144,6 @@ def shards(work: Path, sizes: Sizes) -> tuple[list[str], Path]:
 
 def jpeg_batches(work: Path, sizes: Sizes, cfg, count: int, device) -> list[dict]:
     """`count` normalised single-view batches of real JPEG crops (CPU decode, seeded), on `device`."""
-    from data_pipeline.augment import SingleView
-    from data_pipeline.stream import StreamLoader, to_device
 
     urls, _ = shards(work, sizes)
     loader = StreamLoader(urls, SingleView(cfg.model.img_size), cfg.data.batch_size, seed=0, shuffle_buffer=64,
@@ -136,10 +153,7 @@ def jpeg_batches(work: Path, sizes: Sizes, cfg, count: int, device) -> list[dict
 
 def loss_curve(overrides: list[str], plain: bool, batches: list[dict], steps: int, fp32_exact: bool = False):
     """Per-step losses of `steps` training steps on `batches` (cycled), the same masking noise for every run."""
-    import torch
 
-    from benchmarks.step_throughput import build_step
-    from train.config import load_config
 
     cfg = load_config(None, overrides)
     device = batches[0]["images"].device
@@ -178,10 +192,7 @@ def read_metrics(out_dir: Path) -> dict[int, dict]:
 
 def part_zero_stages(work: Path, sizes: Sizes, done: dict) -> dict:
     """MAE: bf16 engine under ZeRO-1/2/3 vs each other and vs an fp32 plain-PyTorch run, on real JPEG batches."""
-    import torch
 
-    from train.config import load_config
-    from train.distributed import init_distributed
 
     init_distributed()
     base = sizes.vit_b + [f"data.batch_size={sizes.check_batch}", "train.steps=1", "eval.at_end=false"]
@@ -207,11 +218,7 @@ def part_zero_stages(work: Path, sizes: Sizes, done: dict) -> dict:
 
 def part_compile(work: Path, sizes: Sizes, done: dict) -> dict:
     """torch.compile of the blocks gives the eager losses: MAE under ZeRO-1 (the compiled cell's setting)."""
-    import torch
 
-    from benchmarks.step_throughput import overrides_for
-    from train.config import load_config
-    from train.distributed import init_distributed
 
     init_distributed()
     base = overrides_for(sizes.compile_model, "mae", "zero1", sizes.compile_batch, "", False)
@@ -229,13 +236,8 @@ def part_compile(work: Path, sizes: Sizes, done: dict) -> dict:
 
 def part_gpu_decode(work: Path, sizes: Sizes, done: dict) -> dict:
     """The device decode path (data.decode=gpu) gives the CPU path's crops, and trains."""
-    import tarfile
 
-    import torch
 
-    from data_pipeline.augment import DeviceSingleView, SingleView, decode_image
-    from train.config import load_config
-    from train.engine import train
 
     urls, manifest = shards(work, sizes)
     samples = []
@@ -275,7 +277,7 @@ def part_gpu_decode(work: Path, sizes: Sizes, done: dict) -> dict:
     cfg = load_config(None, sizes.vit_b + [f"data.train={manifest}", "data.decode=gpu", f"run.output_dir={out}",
                                            f"data.batch_size={sizes.check_batch}", f"data.workers={sizes.workers}",
                                            "train.steps=10", "run.log_every=1", "eval.at_end=false"])
-    train(cfg)
+    train(cfg, build_method)
     rows = read_metrics(out)
     losses = [rows[s]["train/loss"] for s in sorted(rows)]
     skipped_train = rows[max(rows)]["data/skipped"]
@@ -288,8 +290,6 @@ def part_gpu_decode(work: Path, sizes: Sizes, done: dict) -> dict:
 
 def method_runs(work: Path, sizes: Sizes, manifest: Path) -> dict[str, list[str]]:
     """The overrides of each method's 5-step bf16 run on the small ViT (teachers: random tiny CLIP towers)."""
-    import timm
-    import torch
 
     img, patch = (16, 4) if sizes.cpu else (112, 16)
     tower = timm.create_model("vit_base_patch16_clip_224", pretrained=False, img_size=img, patch_size=patch,
@@ -321,8 +321,6 @@ def method_runs(work: Path, sizes: Sizes, manifest: Path) -> dict[str, list[str]
 
 def part_methods(work: Path, sizes: Sizes, done: dict) -> dict:
     """Every method (and a compressed MAE and MoCo v3) runs 5 bf16 engine steps with finite losses."""
-    from train.config import load_config
-    from train.engine import train
 
     _, manifest = shards(work, sizes)
     base = sizes.small + [f"data.train={manifest}", f"data.workers={sizes.workers}", "train.steps=5",
@@ -335,7 +333,7 @@ def part_methods(work: Path, sizes: Sizes, done: dict) -> dict:
         shutil.rmtree(out, ignore_errors=True)
         start = time.perf_counter()
         try:
-            train(load_config(configs or None, base + dotted + [f"run.output_dir={out}"]))
+            train(load_config(configs or None, base + dotted + [f"run.output_dir={out}"]), build_method)
             rows = read_metrics(out)
             losses = [rows[s]["train/loss"] for s in sorted(rows)]
             result[name] = {"losses": losses, "seconds": time.perf_counter() - start}
@@ -371,7 +369,6 @@ CPU_CELLS = {"mae_zero2": "mae_zero1", "full_plain": "mae_plain", "full_zero1": 
 
 def run_step_cell(spec, sizes: Sizes, done: dict, timeout: float) -> dict:
     """One benchmarks.step_throughput cell in its own process, labelled with the GPU model it stands for."""
-    from benchmarks.step_throughput import run_cell
 
     name, model, method, backend, batch, ckpt = spec
     compile_backend = ""
@@ -389,7 +386,6 @@ def run_step_cell(spec, sizes: Sizes, done: dict, timeout: float) -> dict:
 
 def cell_checks(done: dict) -> list[str]:
     """benchmarks.step_throughput's targets over the measured cells (the compiled one counts as MAE ViT-L)."""
-    from benchmarks.step_throughput import target_checks
 
     cells = [{**c, "backend": c["backend"] + ("+compile" if c.get("compile") else "")}
              for name, c in done.items() if name in CELL_NAMES and "img_per_s" in c]
@@ -398,15 +394,7 @@ def cell_checks(done: dict) -> list[str]:
 
 def part_compression(work: Path, sizes: Sizes, done: dict) -> dict:
     """Step-time ratios of compressed MoCo v3 steps (keep 1/0.5/0.25 x patch scale 1/1.5/2) vs the FLOPs model."""
-    import torch
 
-    from benchmarks.compression import synthetic_batch, time_steps
-    from benchmarks.step_throughput import MODELS
-    from train.compression import Setting
-    from train.config import load_config
-    from train.engine import use_bf16
-    from train.methods import build_method
-    from train.optim import make_optimizer, param_groups
 
     dim, depth, heads, patch, img = MODELS[sizes.comp_model]
     cfg = load_config(None, [f"model.embed_dim={dim}", f"model.depth={depth}", f"model.num_heads={heads}",
@@ -415,12 +403,11 @@ def part_compression(work: Path, sizes: Sizes, done: dict) -> dict:
                       + (["method.mlp_dim=32", "method.proj_dim=16"] if sizes.cpu else []))
     device = torch.device(sizes.device)
     if device.type == "cuda":
-        from train.speed import enable_fast_kernels
         enable_fast_kernels()
     torch.manual_seed(0)
     method = build_method(cfg).to(device).train()
     optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay), 1e-4, cfg.optim.betas, cpu_offload=False)
-    batch = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg.data, cfg.model.img_size, device)
     bf16 = use_bf16(cfg)
     rows, checks = [], []
     full = None
@@ -450,10 +437,7 @@ def mae_step_rate(done: dict) -> tuple[float, str]:
 
 def part_data_path(work: Path, sizes: Sizes, done: dict) -> dict:
     """The GPU decode path end to end (workers read bytes and draw crops, nvjpeg decodes): img/s vs 3x the MAE rate."""
-    import torch
 
-    from benchmarks.data_throughput import device_side, loader, rate
-    from data_pipeline.augment import DeviceSingleView
 
     urls, _ = shards(work, sizes)
     args = argparse.Namespace(batch_size=8 if sizes.cpu else 256, shuffle_buffer=256, img_size=sizes.img,
@@ -510,9 +494,6 @@ CPU_LIMIT = 300  # seconds per part in CPU mode (the budget bounds the whole run
 # ---------------------------------------------------------------------------------------------- driver
 
 def environment() -> dict:
-    from importlib.metadata import PackageNotFoundError, version
-
-    import torch
 
     env = {"python": sys.version.split()[0], "torch": torch.__version__, "cuda": torch.version.cuda,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU",
@@ -540,7 +521,6 @@ def run_part(name: str, work: Path, sizes: Sizes, done: dict, timeout: float, lo
                             start_new_session=True)
     tail: list[str] = []
     deadline = time.perf_counter() + timeout
-    import selectors
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     error = None
@@ -628,7 +608,6 @@ def main(argv=None) -> int:
         return 0
     if not args.out:
         parser.error("--out is required")
-    import torch
 
     if not args.cpu and not torch.cuda.is_available():
         print("gpu_proof: no CUDA device; use --cpu for the CPU mode", file=sys.stderr)

@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO
+from helpers import REPO
 
 
 def test_gpu_proof_cpu_mode_runs_every_part(tmp_path):
