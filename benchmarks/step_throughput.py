@@ -63,6 +63,10 @@ def overrides_for(model: str, method: str, backend: str, batch_size: int, compil
     out.append("method.name=" + {"full": "full_token"}.get(method, method))
     if model == "tiny" and method == "mae":
         out += ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
+    if method == "dino":  # 2 global crops + data.local_crops (8) local ones of data.local_size (96) px
+        out.append("data.views=dino")
+        if model == "tiny":
+            out += ["data.local_size=8", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"]
     if backend != "plain":
         out.append(f"train.deepspeed=ds_configs/{backend}.json")
     if compile_backend and backend != "zero3":  # torch.compile cannot trace ZeRO-3's gathering hooks
@@ -98,18 +102,12 @@ class FullToken(Method):
         return self.encoder.num_patches
 
 
-def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
-    """Time `steps` training steps after `warmup` ones for one configuration, in this process.
+def build_step(cfg, plain: bool, device: torch.device):
+    """(step(batch, i) -> loss, the method module, the optimizer) for one configuration.
 
-    `plain`: plain PyTorch; else the engine with the `train.deepspeed` config of `overrides`. The
-    `full_token` workload must be in METHODS (the command line registers it).
+    `plain`: plain PyTorch (the same method, optimizer and step; bf16 autocast when the run is bf16);
+    else the engine with the `train.deepspeed` config of `cfg`.
     """
-    cfg = load_config(None, overrides)
-    init_distributed()
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    if cuda:
-        enable_fast_kernels()
     if plain:
         torch.manual_seed(cfg.run.seed)
         module = build_method(cfg).to(device)
@@ -125,16 +123,35 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
             loss.backward()
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if hasattr(module, "on_step_end"):
+                module.on_step_end(i + 1)
             return loss
-    else:
-        engine, *_ = build_engine(cfg, build_method, world_size=1)
-        module = engine.module
+        return step, module, optimizer
+    engine, optimizer, *_ = build_engine(cfg, build_method, world_size=1)
 
-        def step(batch, i):
-            loss, _ = engine(batch, i)
-            engine.backward(loss)
-            engine.step()
-            return loss
+    def step(batch, i):
+        loss, _ = engine(batch, i)
+        engine.backward(loss)
+        engine.step()
+        if hasattr(engine.module, "on_step_end"):
+            engine.module.on_step_end(i + 1)
+        return loss
+    return step, engine.module, optimizer
+
+
+def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
+    """Time `steps` training steps after `warmup` ones for one configuration, in this process.
+
+    `plain`: plain PyTorch; else the engine with the `train.deepspeed` config of `overrides`. The
+    `full_token` workload must be in METHODS (the command line registers it).
+    """
+    cfg = load_config(None, overrides)
+    init_distributed()
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    if cuda:
+        enable_fast_kernels()
+    step, module, _ = build_step(cfg, plain, device)
 
     def sync():
         if cuda:
@@ -174,17 +191,20 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
     return result
 
 
-def run_cell(model, method, backend, args) -> dict:
-    """One measurement in a fresh process; an error (e.g. out of memory) becomes the cell's text."""
+def run_cell(model, method, backend, args, timeout: float | None = None) -> dict:
+    """One measurement in a fresh process; an error (e.g. out of memory, over `timeout` s) becomes the cell's text."""
     batch = args.batch_size or (BATCH[method] if method == "mae" else BATCH["full"].get(model, 64))
     if model == "tiny":
         batch = args.batch_size or 16
     cell = {"model": model, "method": method, "backend": backend, "batch_size": batch}
     overrides = overrides_for(model, method, backend, batch, args.compile, args.grad_checkpointing)
     spec = json.dumps({"overrides": overrides, "plain": backend == "plain"})
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_throughput", "--cell", spec,
-                           "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                          cwd=REPO, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.step_throughput", "--cell", spec,
+                               "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cell, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode == 0 and lines:
         return {**cell, **json.loads(lines[-1][len(RESULT):])}
@@ -231,6 +251,15 @@ def target_checks(results: list[dict]) -> list[str]:
     if full_l:
         lines.append(f"{'PASS' if max(full_l) >= 0.55 else 'FAIL'} full-token ViT-L engine MFU {max(full_l):.3f} "
                      "(target >= 0.55)")
+    z3, base = ok.get(("vit_l16", "full", "zero3")), ok.get(("vit_l16", "full", "plain"))
+    if z3 and base:
+        ratio = z3["img_per_s"] / base["img_per_s"]
+        lines.append(f"{'PASS' if ratio >= 0.9 else 'FAIL'} ZeRO-3 full-token vit_l16 {ratio:.3f}x plain "
+                     "(target >= 0.9x)")
+    dino = [r["img_per_s"] for (m, meth, b), r in ok.items() if (m, meth) == ("vit_l16", "dino")]
+    if dino:
+        lines.append(f"{'PASS' if max(dino) >= 300 else 'FAIL'} DINO ViT-L/16 (2x224 + 8x96) {max(dino):.0f} img/s "
+                     "per GPU (target >= 300)")
     return lines
 
 

@@ -56,6 +56,16 @@ def test_benchmark_target_checks():
     assert "0.963" in table(cells) and "OOM" in table(cells)
 
 
+def test_benchmark_zero3_and_dino_targets():
+    from benchmarks.step_throughput import target_checks
+
+    cells = [{"model": "vit_l16", "method": "full", "backend": "plain", "img_per_s": 1000.0},
+             {"model": "vit_l16", "method": "full", "backend": "zero3", "img_per_s": 880.0},
+             {"model": "vit_l16", "method": "dino", "backend": "zero1", "img_per_s": 310.0}]
+    assert target_checks(cells) == ["FAIL ZeRO-3 full-token vit_l16 0.880x plain (target >= 0.9x)",
+                                    "PASS DINO ViT-L/16 (2x224 + 8x96) 310 img/s per GPU (target >= 300)"]
+
+
 def test_scaling_estimate_communication_volume():
     from benchmarks.scaling_estimate import comm_gb, estimate
 
