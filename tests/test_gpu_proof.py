@@ -5,9 +5,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from helpers import REPO
 
 
+@pytest.mark.e2e
 def test_gpu_proof_cpu_mode_runs_every_part(tmp_path):
     from benchmarks.gpu_proof import CELL_NAMES, CPU_CELLS, PARTS
 
