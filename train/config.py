@@ -86,6 +86,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0
     clip_grad: float = 0.0  # 0: off
+    clip_per_param: bool = False  # clip each parameter's gradient to norm clip_grad (DINO's clip_gradients), not the
+    #                               global norm over all parameters (DeepSpeed's gradient_clipping)
+    decay_all: bool = False  # weight decay on every parameter, norms, biases and tokens too (MoCo v3's AdamW)
     optimizer: str = "adamw"  # adamw | sgd | lars (LARS: MAE's linear probe; needs ZeRO stage 0 and fp32)
     momentum: float = 0.9  # sgd and lars
     layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE fine-tuning): lr x decay^(depth + 1 - layer); 1: off
@@ -96,6 +99,8 @@ class TrainConfig:
     epochs: float = 0.0  # length in passes over `data.train` (needs its sample count) ...
     steps: int = 0  # ... or in optimizer steps; exactly one of them is set
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
+    accept_micro_batch_statistics: bool = False  # allow gradient accumulation for methods whose loss couples the
+    #      images of a batch (contrastive negatives, BatchNorm, DINO's centre): each micro-batch is then its own batch
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
     compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
@@ -336,6 +341,14 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.global_batch_size and t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
+    if t.global_batch_size > per_step and not t.accept_micro_batch_statistics:
+        coupled = getattr(_method_class(cfg.method.name), "batch_coupled", "")
+        if coupled:
+            raise ConfigError(
+                f"train.global_batch_size={t.global_batch_size} > data.batch_size x world size = {d.batch_size} x "
+                f"{world_size} means gradient accumulation, but {cfg.method.name}'s {coupled} would come from each "
+                f"micro-batch of {per_step}: use more GPUs or a smaller train.global_batch_size, or set "
+                "train.accept_micro_batch_statistics=true")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
     if t.compile:
@@ -355,6 +368,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
     if o.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
+    if o.decay_all and o.layer_decay < 1:
+        raise ConfigError("optim.decay_all=true with optim.layer_decay < 1: layer-wise groups exempt norms and biases; "
+                          "choose one")
+    if o.clip_per_param and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_per_param=true needs optim.clip_grad > 0 (got {o.clip_grad})")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
     if o.layer_decay < 1 and not hasattr(_method_class(cfg.method.name), "group_matcher"):

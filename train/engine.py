@@ -27,7 +27,16 @@ from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
 from train.monitor import Monitor, gpu_peak_flops
-from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
+from train.optim import (
+    clip_per_parameter,
+    lr_at,
+    make_optimizer,
+    param_groups,
+    set_frozen,
+    set_lr,
+    set_weight_decay,
+    weight_decay_at,
+)
 from train.speed import compile_blocks, enable_fast_kernels
 
 log = logging.getLogger("train")
@@ -69,7 +78,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         train_batch_size=total,
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=total // (micro * world_size),
-        gradient_clipping=cfg.optim.clip_grad,
+        gradient_clipping=0.0 if cfg.optim.clip_per_param else cfg.optim.clip_grad,
         bf16={"enabled": use_bf16(cfg)},
         steps_per_print=10**12,
     )
@@ -131,9 +140,10 @@ def build_engine(cfg: Config, world_size: int):
         compile_blocks(method, cfg.train.compile)
     ds_config = deepspeed_config(cfg, world_size)
     peak_lr = cfg.optim.base_lr * ds_config["train_batch_size"] / 256
-    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay), peak_lr,
-                               cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config), name=cfg.optim.optimizer,
-                               momentum=cfg.optim.momentum)
+    groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.decay_all,
+                          getattr(method, "freezable", ()))
+    optimizer = make_optimizer(groups, peak_lr, cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config),
+                               name=cfg.optim.optimizer, momentum=cfg.optim.momentum)
     engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     return engine, optimizer, ds_config, peak_lr
 
@@ -257,6 +267,8 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
             if cfg.optim.weight_decay_end >= 0:
                 wd = weight_decay_at(step, total_steps, cfg.optim.weight_decay, cfg.optim.weight_decay_end)
                 set_weight_decay(optimizer, wd)
+            if hasattr(module, "frozen"):  # parameters the optimizer leaves alone this step (DINO's last layer)
+                set_frozen(optimizer, module.frozen(step))
             for micro in range(accum):
                 t0 = time.perf_counter()
                 batch = next(data)  # on the device, normalised
@@ -265,6 +277,8 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
                     batch["compression"] = compression.at(step, step_seed(cfg.run.seed, world.rank, step, micro))
                 loss, report = engine(batch, step)
                 engine.backward(loss)
+                if cfg.optim.clip_per_param and micro == accum - 1:
+                    clip_per_parameter(method, cfg.optim.clip_grad)
                 engine.step()
                 add_report(sums, counts, report)
             step += 1
