@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 
 from train.config import CompressionConfig, Config, ConfigError, ScheduleConfig, load_config
-from train.models.masking import random_masking
+from train.models.masking import masking_from_scores, random_masking
 from train.models.vit import patch_grid
 
 log = logging.getLogger("train")
@@ -116,6 +116,19 @@ def encode(encoder, images: torch.Tensor, compression: Setting = FULL, dropout: 
         grid = patch_grid(images.shape[-2:], compression.patch_size or encoder.patch_size)
         ids_keep = compression.keep_ids(images.shape[0], grid[0] * grid[1], images.device, stream)
     return encoder(images, ids_keep=ids_keep, patch_size=compression.patch_size, **kwargs)
+
+
+def drop_visible(ids_keep: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor, compression: Setting = FULL):
+    """Token dropout for methods that choose their own visible patches (HPM, MLO-MAE): keep a random
+    `keep_ratio` of each image's visible patches `ids_keep` (B, K); the dropped ones join the masked
+    (reconstructed) patches. Returns (ids_keep, ids_restore, mask) as `random_masking` (unchanged when
+    nothing is dropped)."""
+    keep = compression.keep_ids(ids_keep.shape[0], ids_keep.shape[1], ids_keep.device)
+    if keep is None:
+        return ids_keep, ids_restore, mask
+    kept = ids_keep.gather(1, keep)
+    scores = torch.ones_like(mask, dtype=torch.float32).scatter_(1, kept, 0.0)  # the kept ones sort first
+    return masking_from_scores(scores, kept.shape[1])
 
 
 def schedule_active(schedule: ScheduleConfig) -> bool:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError
 from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
 from train.models.decoder import MAEDecoder
@@ -116,7 +117,12 @@ def _rank01(values: torch.Tensor) -> torch.Tensor:
 
 
 class HPM(nn.Module):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches the
+    teacher-guided masking leaves (the dropped ones are reconstructed and ranked like the masked ones);
+    the teacher still scores every patch. No patch scaling (the loss predictor works on the model's grid)."""
+
     Config = HPMConfig
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -158,10 +164,11 @@ class HPM(nn.Module):
             in_order = torch.arange(self.encoder.num_patches, device=images.device).expand(images.shape[0], -1)
             return teacher["loss_predictor"](latent, in_order).squeeze(-1).float()
 
-    def _run(self, images: torch.Tensor, share: float):
+    def _run(self, images: torch.Tensor, share: float, compression: Setting = FULL):
         """Teacher-guided masking, encoder on the visible patches, both decoder branches."""
         difficulty = self.teacher_difficulty(images)
         ids_keep, ids_restore, mask, hard = hard_patch_masking(difficulty, self.num_keep, share)
+        ids_keep, ids_restore, mask = drop_visible(ids_keep, ids_restore, mask, compression)
         latent = self.encoder(images, ids_keep)
         pred = self.decoder(latent, ids_restore)
         predicted_loss = self.loss_predictor(latent, ids_restore).squeeze(-1)
@@ -170,7 +177,8 @@ class HPM(nn.Module):
 
     def forward(self, batch: dict, step: int = 0):
         self.share = self.hard_share(step)
-        real_loss, predicted_loss, difficulty, mask, _, _ = self._run(batch["images"], self.share)
+        real_loss, predicted_loss, difficulty, mask, _, _ = self._run(batch["images"], self.share,
+                                                                      batch.get("compression", FULL))
         recon = (real_loss * mask).sum() / mask.sum()  # mae_loss from the per-patch losses computed once
         target = real_loss.detach()  # the predictor learns the order of these; no gradient into them
         rank = relative_loss(predicted_loss, target, mask)
@@ -219,12 +227,12 @@ class HPM(nn.Module):
                    unpatchify(self._as_patches(_rank01(real_loss).unsqueeze(-1), target), p)]
         return {"hard_patches": torch.cat(columns, dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image: student (forward x 3) on the kept tokens with both decoder branches,
         plus the teacher's forward of the encoder and loss predictor on all tokens."""
-        student = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops() * 2
+        student = self.encoder.forward_flops(self.tokens_per_image(compression)) + self.decoder.forward_flops() * 2
         teacher = self.encoder.forward_flops(self.encoder.num_patches) + self.loss_predictor.forward_flops()
         return 3 * student + teacher
 
-    def tokens_per_image(self) -> int:
-        return self.num_keep
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return compression.num_kept(self.num_keep)

@@ -49,6 +49,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.stream import resolve_shards
+from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError, ModelConfig
 from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
 from train.models.decoder import MAEDecoder
@@ -293,7 +294,13 @@ def step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad
 
 
 class MLOMAE(nn.Module):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches of the
+    level-1 masks (the dropped ones are reconstructed and weighted like the masked ones; the
+    hypergradient uses the same compressed batch). No patch scaling (the masking network scores the
+    model's grid)."""
+
     Config = MLOMAEConfig
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -350,6 +357,7 @@ class MLOMAE(nn.Module):
         """Level 1: the MAE loss on the masking network's masks, weighted by the mask probabilities."""
         images = batch["images"]
         probs, ids_keep, ids_restore, mask = self.sample(images)
+        ids_keep, ids_restore, mask = drop_visible(ids_keep, ids_restore, mask, batch.get("compression", FULL))
         pred = self.decoder(self.encoder(images, ids_keep), ids_restore)
         per_patch = per_patch_loss(pred, patchify(images, self.encoder.patch_size), self.cfg.norm_pix_loss)
         loss = weighted_mae_loss(per_patch, mask, probs, self.cfg.normalize_mask_weights)
@@ -416,16 +424,16 @@ class MLOMAE(nn.Module):
         return {"mask_probability": torch.cat([images.float(), heat_panel, unpatchify(target * (1 - m), p),
                                                unpatchify(target * (1 - m) + pred * m, p)], dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per level-1 image with levels 2 and 3 amortised over `hyper_every` steps (a backward
         counted as 2 forwards, the forward-mode pass as 2 forwards)."""
         m, n = self.cfg, self.encoder.num_patches
-        masked = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops()
+        masked = self.encoder.forward_flops(self.tokens_per_image(compression)) + self.decoder.forward_flops()
         full = self.encoder.forward_flops(n)
         masker = self.upper.masker.encoder.forward_flops(n)
         downstream = full * (3 if m.head_unroll_lr > 0 else 1) + 3 * full  # level 2, level 3 (per labelled image)
         hyper = 2 * masked + 3 * masker + downstream * self.downstream_batch / self.batch_size
         return 3 * masked + masker + hyper / m.hyper_every
 
-    def tokens_per_image(self) -> int:
-        return self.num_keep
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return compression.num_kept(self.num_keep)
