@@ -468,11 +468,44 @@ def test_expected_wall_clock_of_a_schedule():
     assert flops_speedup(mae, schedule, 100) == pytest.approx(expected)
 
 
+def test_speedup_to_equal_accuracy_by_hand():
+    from benchmarks.compression import speedup_to_accuracy
+
+    # the target 60 is crossed between budgets 0.5 (55) and 1 (70): at 0.5 + 0.5 x 5 / 15
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [40.0, 55.0, 70.0], 60.0) == (pytest.approx(2 / 3), "interpolated")
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [61.0, 65.0, 70.0], 60.0) == (0.25, "at most")
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [40.0, 50.0, 59.0], 60.0) == (None, "not reached")
+
+
+def test_compute_budget_picks_the_steps_whose_flops_equal_it(make_cfg):
+    from train.compression import run_flops, steps_for_budget
+
+    torch.manual_seed(0)
+    cfg = make_cfg(*SCHEDULED, "train.steps=8")
+    mae = build_method(cfg)
+    full = run_flops(mae.flops_per_image, CompressionConfig(), 4, 8, 8)
+    assert full == 8 * 8 * mae.flops_per_image()
+    assert steps_for_budget(mae.flops_per_image, CompressionConfig(), 4, 8, 0.5 * full) == 4
+    steps = steps_for_budget(mae.flops_per_image, cfg.compression, 4, 8, full)
+    spent = [run_flops(mae.flops_per_image, cfg.compression, 4, t, 8) for t in (steps - 1, steps, steps + 1)]
+    assert steps > 8 and abs(spent[1] - full) == min(abs(f - full) for f in spent)  # the closest to the budget
+    # the engine runs that many steps, on the schedule stretched over them
+    with pytest.raises(ConfigError, match="set at most one"):
+        make_cfg("train.steps=8", "train.budget=0.5", "train.budget_flops=1e9")
+    budgeted = make_cfg(*SCHEDULED, "train.steps=8", "train.budget=1.0", "run.ckpt_every=100", name="budget")
+    assert train(budgeted).steps == steps
+    rows = read_metrics(budgeted.output_dir)
+    assert sorted(rows) == list(range(1, steps + 1)) and rows[steps]["compression/patch_size"] == 4
+    assert rows[1]["compression/keep_ratio"] == 0.5
+
+
 def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     from benchmarks.compression import main as bench
 
-    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the two short runs cheap
-    scores = iter([{"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 58.5, "linear_top1": 51.0}])
+    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the short runs cheap. Call order:
+    # budget 0.5 full, compressed, budget 1 full, compressed
+    scores = iter([{"knn_top1": 50.0, "linear_top1": 40.0}, {"knn_top1": 55.0, "linear_top1": 30.0},
+                   {"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 70.0, "linear_top1": 45.0}])
     monkeypatch.setattr("train.eval.quick.evaluate_encoder", lambda *args, **kwargs: next(scores))
 
     cfg = make_cfg(*SCHEDULED, "train.steps=4", name="bench")
@@ -484,12 +517,19 @@ def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     assert bench(["speed", "--steps", "1", "--warmup", "0", "--points", "2", *overrides]) == 0
     speed = json.loads((cfg.output_dir / "compression_speed.json").read_text())
     assert [s["patch_size"] for s in speed["stages"]] == [4, 8, 4] and speed["speedup"] > 0
-    assert bench(["learn", *overrides]) == 0
+    assert bench(["learn", "--budgets", "0.5,1", "--seeds", "0", *overrides]) == 0
     check = json.loads((cfg.output_dir / "learning_check.json").read_text())
-    assert check["full"]["steps"] == check["compressed"]["steps"] == 4 and check["flops_speedup"] > 1
-    assert not any("compression/keep_ratio" in r for r in read_metrics(cfg.output_dir / "full").values())
-    assert read_metrics(cfg.output_dir / "compressed")[1]["compression/keep_ratio"] == 0.5
-    assert "k-NN -1.5 points, linear +1.0 points" in capsys.readouterr().out
+    steps = {(r["run"], r["budget"]): r["steps"] for r in check["runs"]}
+    assert steps[("full", 0.5)] == 2 and steps[("full", 1.0)] == 4  # equal compute: more compressed steps
+    assert steps[("compressed", 0.5)] > 2 and steps[("compressed", 1.0)] > 4
+    full_run, compressed_run = (cfg.output_dir / sub / "budget1_seed0" for sub in ("full", "compressed"))
+    assert not any("compression/keep_ratio" in r for r in read_metrics(full_run).values())
+    assert read_metrics(compressed_run)[1]["compression/keep_ratio"] == 0.5
+    knn = check["speedup_to_equal_accuracy"]["knn_top1"]
+    assert knn["per_seed"][0]["budget"] == pytest.approx(2 / 3) and knn["mean_std"][0] == pytest.approx(1.5)
+    out = capsys.readouterr().out
+    assert "speedup to the uncompressed knn_top1 at budget 1: 1.50x" in out
+    assert "speedup to the uncompressed linear_top1 at budget 1: none (reached by 0/1 seeds)" in out
 
 
 def test_two_ranks_zero3_compressed_with_diagnostic(tmp_path, digits_dir):

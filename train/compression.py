@@ -159,6 +159,28 @@ class CompressionSchedule:
                 "compression/keep_ratio": float(setting.keep_ratio)}
 
 
+def run_flops(flops_per_image, cfg: CompressionConfig, base_patch_size: int, total_steps: int,
+              global_batch: int) -> float:
+    """Training FLOPs of a `total_steps` run on the compression schedule `cfg` (the FLOPs model of the method)."""
+    schedule = CompressionSchedule(cfg, base_patch_size, total_steps)
+    if not schedule.active:
+        return total_steps * global_batch * flops_per_image()
+    return global_batch * sum(flops_per_image(compression=schedule.at(step)) for step in range(total_steps))
+
+
+def steps_for_budget(flops_per_image, cfg: CompressionConfig, base_patch_size: int, global_batch: int,
+                     budget: float) -> int:
+    """The number of steps whose run on the schedule `cfg` (a function of step / steps) costs `budget` FLOPs
+    most closely: a first guess from the schedule's mean cost per step, then the exact totals around it."""
+    progress = [(i + 0.5) / 1000 for i in range(1000)]
+    schedule = CompressionSchedule(cfg, base_patch_size, 1)
+    mean = sum(flops_per_image(compression=schedule.setting_at(p)) for p in progress) / len(progress)
+    guess = max(1, round(budget / (global_batch * mean)))
+    candidates = range(max(1, guess - 2), guess + 3)
+    return min(candidates, key=lambda t: abs(run_flops(flops_per_image, cfg, base_patch_size, t, global_batch)
+                                             - budget))
+
+
 def validate_compression(cfg: Config) -> None:
     """One-line errors for impossible compression settings, before any model is built."""
     from train.methods import METHODS

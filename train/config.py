@@ -98,6 +98,9 @@ class OptimConfig:
 class TrainConfig:
     epochs: float = 0.0  # length in passes over `data.train` (needs its sample count) ...
     steps: int = 0  # ... or in optimizer steps; exactly one of them is set
+    budget: float = 0.0  # > 0: run for this fraction of the training FLOPs of the uncompressed run of epochs/steps,
+    #                      the number of steps chosen so that the compression schedule's total FLOPs equal it
+    budget_flops: float = 0.0  # > 0: the same with an absolute budget of training FLOPs (all ranks together)
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
     accept_micro_batch_statistics: bool = False  # allow gradient accumulation for methods whose loss couples the
     #      images of a batch (contrastive negatives, BatchNorm, DINO's centre): each micro-batch is then its own batch
@@ -337,6 +340,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:
         raise ConfigError("train.epochs needs the sample count: point data.train at a manifest .json "
                           "or set data.num_samples")
+    if t.budget < 0 or t.budget_flops < 0 or (t.budget and t.budget_flops):
+        raise ConfigError(f"train.budget={t.budget} and train.budget_flops={t.budget_flops}: set at most one, > 0")
+    if (t.budget or t.budget_flops) and not hasattr(_method_class(cfg.method.name), "flops_per_image"):
+        raise ConfigError(f"train.budget: method {cfg.method.name} has no FLOPs model (flops_per_image)")
     per_step = d.batch_size * world_size
     if t.global_batch_size and t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "

@@ -22,7 +22,7 @@ from data_pipeline.augment import build_views
 from data_pipeline.shards import build_digits_shards
 from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
-from train.compression import CompressionSchedule, GradientDiagnostic, step_seed
+from train.compression import CompressionSchedule, GradientDiagnostic, run_flops, step_seed, steps_for_budget
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, init_distributed
 from train.methods import build_method
@@ -148,6 +148,20 @@ def build_engine(cfg: Config, world_size: int):
     return engine, optimizer, ds_config, peak_lr
 
 
+def budget_steps(cfg: Config, method, steps: int, warmup: int, global_batch: int, log_it: bool) -> tuple[int, int]:
+    """(total, warmup) steps of a run given as a compute budget (train.budget / train.budget_flops): the
+    number of steps on the compression schedule whose training FLOPs equal the budget (FLOPs model)."""
+    patch = cfg.model.patch_size
+    uncompressed = run_flops(method.flops_per_image, type(cfg.compression)(), patch, steps, global_batch)
+    budget = cfg.train.budget_flops or cfg.train.budget * uncompressed
+    total = steps_for_budget(method.flops_per_image, cfg.compression, patch, global_batch, budget)
+    spent = run_flops(method.flops_per_image, cfg.compression, patch, total, global_batch)
+    if log_it:
+        log.info("compute budget %.4g FLOPs (%.3g x the uncompressed %d-step run's %.4g): %d steps on the compression "
+                 "schedule = %.4g FLOPs", budget, budget / uncompressed, steps, uncompressed, total, spent)
+    return total, min(warmup, total)
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); agreed on by all ranks every step."""
 
@@ -199,6 +213,8 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
     method = engine.module
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
+    if cfg.train.budget or cfg.train.budget_flops:
+        total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps, global_batch, world.is_main)
 
     step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
     data_state, aux_state = None, {}
