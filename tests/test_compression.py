@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from test_engine import fully_partitioned_zero3
 from test_launch import command, run_env
 from test_mapet import codebook, mapet_cfg  # noqa: F401 (fixtures)
@@ -449,6 +450,48 @@ def test_sweep_command_prints_the_table_for_a_checkpoint(make_cfg, capsys):
         assert float(table[key][3]) < 1.0 and float(table[key][4]) < 1.0 and float(table[key][5]) > 0.0
     assert sum(r[-1] == "*" for r in table.values()) == 1  # the lowest cost-adjusted error is marked
     assert main([*args, "--keep-ratios", "1,0"]) == 2  # a bad grid is a one-line error
+
+
+def test_piecewise_schedule_holds_each_value_for_its_stretch():
+    schedule = ScheduleConfig(kind="piecewise", values=[0.25, 0.5, 1.0])
+    assert [schedule_value(schedule, p) for p in (0.0, 0.33, 0.34, 0.7, 1.0)] == [0.25, 0.25, 0.5, 1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"compression.keep_ratio.values=\[\]: a list of values for kind piecewise"):
+        tiny_mae("compression.keep_ratio.kind=piecewise")
+    with pytest.raises(ConfigError, match=r"compression.keep_ratio.values\[1\]=0.0 must be in \(0, 1\]"):
+        tiny_mae("compression.keep_ratio.kind=piecewise", "compression.keep_ratio.values=[0.5,0]")
+
+
+def test_fit_writes_the_lowest_cost_adjusted_error_setting_of_each_stage(make_cfg, capsys):
+    cfg = make_cfg("train.steps=4", name="fit")
+    out = cfg.output_dir / "mae_fitted.yaml"
+    args = ["--fit", "--stages", "4", "--batches", "2", "--patch-scales", "1,2", "--keep-ratios", "1,0.5",
+            "--write", str(out), "train.steps=4", f"run.output_dir={cfg.output_dir}", f"data.train={cfg.data.train}",
+            "data.workers=0", "data.batch_size=8", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+            "model.depth=2", "model.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1",
+            "method.decoder_heads=2", "optim.warmup_steps=1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # the starred row (lowest CA_error) of each stage's table is that stage's setting
+    starred = [line.split() for line in printed.splitlines() if line.endswith(" *")]
+    assert len(starred) == 4 and "stage 3 (75% of training, step 3)" in printed
+    written = yaml.safe_load(out.read_text())["compression"]
+    assert written["keep_ratio"]["values"] == [float(row[1]) for row in starred]
+    assert written["patch_scale"]["values"] == [int(row[0]) / 4 for row in starred]
+    assert len(list((cfg.output_dir / "fit_run" / "checkpoints").glob("step_*"))) == 4  # the short run's quarters
+    # it stacks on a run config as any shipped schedule
+    stacked = load_config([REPO / "train/configs/mae_demo.yaml", out], ["train.steps=8"])
+    schedule = CompressionSchedule(stacked.compression, stacked.model.patch_size, 8)
+    assert [schedule.at(s).keep_ratio for s in (0, 2, 4, 6)] == written["keep_ratio"]["values"]
+
+
+def test_measured_cost_is_relative_to_full_tokens():
+    from train.compression import measured_cost
+
+    torch.manual_seed(0)
+    mae = build_method(tiny_mae())
+    costs = measured_cost(mae, {"images": torch.randn(8, 3, 16, 16)}, [FULL, Setting(keep_ratio=0.25)])
+    assert 0.1 < costs[0] < 10 and costs[1] > 0
+    assert all(p.grad is None for p in mae.parameters())
 
 
 # --------------------------------------------------------------------------------------------------- benchmarks

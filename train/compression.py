@@ -25,6 +25,7 @@ import logging
 import math
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -36,7 +37,7 @@ from train.models.vit import patch_grid
 
 log = logging.getLogger("train")
 
-KINDS = ("constant", "step", "linear", "cosine")
+KINDS = ("constant", "step", "linear", "cosine", "piecewise")
 KNOBS = {"keep_ratio": "token_dropout", "patch_scale": "patch_scaling"}
 
 
@@ -46,11 +47,15 @@ def schedule_value(schedule: ScheduleConfig, progress: float) -> float:
     constant: `start` throughout. step / linear / cosine go from `start` at 0 to `end` at `until`
     and stay at `end` after it: step in `stages` equal constant stages with evenly spaced values
     (stages=1: `start`, then `end`), linear in a straight line, cosine along a half cosine.
+    piecewise: `values[i]` over the i-th of len(values) equal stretches of training (what
+    `python -m train.compression --fit` writes).
     """
     s = schedule
     if s.kind == "constant":
         return s.start
     progress = min(max(progress, 0.0), 1.0)
+    if s.kind == "piecewise":
+        return s.values[min(int(progress * len(s.values)), len(s.values) - 1)]
     if progress >= s.until:
         return s.end
     t = progress / s.until
@@ -132,6 +137,8 @@ def drop_visible(ids_keep: torch.Tensor, ids_restore: torch.Tensor, mask: torch.
 
 
 def schedule_active(schedule: ScheduleConfig) -> bool:
+    if schedule.kind == "piecewise":
+        return any(v != 1.0 for v in schedule.values)
     return schedule.start != 1.0 or (schedule.kind != "constant" and schedule.end != 1.0)
 
 
@@ -195,8 +202,10 @@ def validate_compression(cfg: Config) -> None:
             raise ConfigError(f"{key}.until={s.until} must be in (0, 1] (a fraction of training)")
         if s.stages < 1:
             raise ConfigError(f"{key}.stages={s.stages} must be >= 1")
-        for end in ("start", "end"):
-            value = getattr(s, end)
+        if (s.kind == "piecewise") != bool(s.values):
+            raise ConfigError(f"{key}.values={s.values}: a list of values for kind piecewise, and only for it")
+        values = [("start", s.start), ("end", s.end)] + [(f"values[{i}]", v) for i, v in enumerate(s.values)]
+        for end, value in values:
             if knob == "keep_ratio" and not 0.0 < value <= 1.0:
                 raise ConfigError(f"{key}.{end}={value} must be in (0, 1] (the share of patch tokens kept)")
             if knob == "patch_scale" and not 1.0 <= value <= max_scale:
@@ -351,7 +360,7 @@ def sweep(diagnostic: GradientDiagnostic, batches: list[dict], settings: list[Se
 
 def format_table(rows: list[dict], patch_size: int, tokens: list[int]) -> str:
     """The sweep as a fixed-width table, the lowest cost-adjusted error marked with *."""
-    best = min(range(len(rows)), key=lambda i: rows[i]["ca_error"] if math.isfinite(rows[i]["ca_error"]) else 1e300)
+    best = best_setting(rows)
     lines = [f"{'patch':>5} {'keep':>5} {'tokens':>6} {'cost':>6} {'cosine':>7} {'rel_err':>7} {'bias2':>9} "
              f"{'cost*var':>9} {'CA_error':>9}"]
     for i, (r, t) in enumerate(zip(rows, tokens, strict=True)):
@@ -368,43 +377,39 @@ def parse_floats(text: str) -> list[float]:
         raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
 
 
-def main(argv=None) -> int:
-    """python -m train.compression --config CONFIG [--checkpoint DIR] [--batches 8] [overrides]: the sweep."""
-    parser = argparse.ArgumentParser(
-        prog="python -m train.compression",
-        description="Gradient error vs full tokens of token-dropout x patch-scaling settings on a checkpoint "
-                    "(or a fresh model), with cost and the cost-adjusted error, to choose a compression schedule.")
-    parser.add_argument("--config", action="append", help="YAML file(s) as for train.pretrain")
-    parser.add_argument("--checkpoint", help="a step_N checkpoint directory (or a checkpoints directory: its "
-                        "newest complete one); default: the freshly initialised model")
-    parser.add_argument("--batches", type=int, default=8, help="batches of data.batch_size to average over (>= 2)")
-    parser.add_argument("--patch-scales", type=parse_floats, default=[1.0, 1.5, 2.0])
-    parser.add_argument("--keep-ratios", type=parse_floats, default=[1.0, 0.75, 0.5, 0.25])
-    parser.add_argument("--train-batch", type=int, default=0, help="global batch of the training run the variance "
-                        "is scaled to (default: train.global_batch_size, else data.batch_size)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=256")
-    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
+def measured_cost(method: torch.nn.Module, batch: dict, settings: list[Setting], repeats: int = 3) -> list[float]:
+    """Time of a forward + backward under each setting relative to full tokens (median of `repeats`)."""
+    import time
+
+    def seconds(setting: Setting) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first one warms up
+            start = time.perf_counter()
+            loss, _ = method({**batch, "compression": setting}, 0)
+            loss.backward()
+            method.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    with torch.random.fork_rng():
+        full = seconds(FULL)
+        return [seconds(s) / full for s in settings]
+
+
+def sweep_checkpoint(cfg: Config, checkpoint: str | None, args) -> tuple[list[dict], list[Setting], list[int], int]:
+    """The sweep of `args`' grid on `checkpoint` (None: the fresh model): (rows, settings, tokens, step)."""
     from data_pipeline.augment import build_views
     from data_pipeline.stream import StreamLoader, resolve_shards, to_device
     from train.checkpoint import load_weights
-    from train.distributed import world_info_from_env
-    from train.engine import prepare_data, use_bf16
+    from train.engine import use_bf16
     from train.methods import build_method
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if args.batches < 1 or any(not 0 < r <= 1 for r in args.keep_ratios) or any(s < 1 for s in args.patch_scales):
-            raise ConfigError("--batches must be >= 1, --keep-ratios in (0, 1], --patch-scales >= 1")
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    cfg = prepare_data(cfg, world_info_from_env())
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg)
-    step = load_weights(method, args.checkpoint) if args.checkpoint else 0
+    step = load_weights(method, checkpoint) if checkpoint else 0
     method.to(device).float().train()
     views = build_views(cfg.data, cfg.model.img_size)
     loader = StreamLoader(resolve_shards(cfg.data.train).urls, views, cfg.data.batch_size, seed=cfg.run.seed,
@@ -418,15 +423,112 @@ def main(argv=None) -> int:
         if setting not in settings:
             settings.append(setting)
     m = cfg.model
-    costs = [relative_cost(method, s, m.img_size, base) for s in settings]
+    if args.cost == "time":
+        costs = measured_cost(method, batches[0], settings)
+    else:
+        costs = [relative_cost(method, s, m.img_size, base) for s in settings]
     tokens = [method.tokens_per_image(compression=s) if hasattr(method, "tokens_per_image")
               else s.num_kept(math.prod(patch_grid((m.img_size,) * 2, s.patch_size or base))) for s in settings]
     train_batch = args.train_batch or cfg.train.global_batch_size or cfg.data.batch_size
     diagnostic = GradientDiagnostic(cfg, device, use_bf16(cfg), model=method)
-    log.info("sweeping %d settings x %d batches of %d at step %d (%s); variance scaled to a training batch of %d",
-             len(settings), len(batches), cfg.data.batch_size, step, args.checkpoint or "fresh model", train_batch)
+    log.info("sweeping %d settings x %d batches of %d at step %d (%s); variance scaled to a training batch of %d; "
+             "cost from %s", len(settings), len(batches), cfg.data.batch_size, step, checkpoint or "fresh model",
+             train_batch, "measured time" if args.cost == "time" else "the FLOPs model")
     rows = sweep(diagnostic, batches, settings, step, costs, cfg.data.batch_size / train_batch)
-    print(format_table(rows, base, tokens))
+    return rows, settings, tokens, step
+
+
+def best_setting(rows: list[dict]) -> int:
+    """Index of the row with the lowest cost-adjusted error (what chooses a schedule; not the cosine)."""
+    return min(range(len(rows)), key=lambda i: rows[i]["ca_error"] if math.isfinite(rows[i]["ca_error"]) else 1e300)
+
+
+def fit(cfg: Config, args) -> dict:
+    """Train a short uncompressed run (the config's train.steps), sweep at the start of each of `args.stages`
+    equal stretches (0, 25, 50, 75 % with 4), and write the piecewise schedule of the lowest cost-adjusted
+    error per stretch to `args.write` (a compression YAML to stack on the run config)."""
+    import copy
+
+    import yaml
+
+    from train.checkpoint import tag_for
+    from train.engine import train
+
+    steps, stages = cfg.train.steps, args.stages
+    if steps <= 0 or steps % stages:
+        raise ConfigError(f"--fit needs train.steps (the short run's length) as a multiple of --stages={stages}, "
+                          f"got train.steps={steps}")
+    run = copy.deepcopy(cfg)
+    run.compression = CompressionConfig()
+    run.run.output_dir, run.run.ckpt_every, run.run.keep_last = str(cfg.output_dir / "fit_run"), steps // stages, stages
+    run.eval.at_end = False
+    ckpts = train(run).output_dir / "checkpoints"
+    base, picks = cfg.model.patch_size, []
+    for stage in range(stages):
+        at = stage * steps // stages
+        rows, settings, tokens, _ = sweep_checkpoint(cfg, str(ckpts / tag_for(at)) if at else None, args)
+        print(f"stage {stage} ({100 * stage // stages}% of training, step {at}):")
+        print(format_table(rows, base, tokens))
+        picks.append(settings[best_setting(rows)])
+    schedule = {"keep_ratio": {"kind": "piecewise", "values": [s.keep_ratio for s in picks]},
+                "patch_scale": {"kind": "piecewise", "values": [(s.patch_size or base) / base for s in picks]},
+                "diagnose_every": 0}
+    path = Path(args.write or cfg.output_dir / "compression" / f"{cfg.method.name}.yaml")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cost = "measured step time" if args.cost == "time" else "the FLOPs model"
+    path.write_text(f"# Fitted by `python -m train.compression --fit` on {steps} uncompressed steps of "
+                    f"{cfg.method.name}:\n# per stretch of training, the setting of lowest cost-adjusted error\n"
+                    f"# (bias^2 + cost x variance, cost from {cost}). Stack it on the run config with --config.\n"
+                    + yaml.safe_dump({"compression": schedule}, sort_keys=False))
+    print(f"wrote {path}: keep_ratio {schedule['keep_ratio']['values']}, patch_scale "
+          f"{schedule['patch_scale']['values']}")
+    return schedule
+
+
+def main(argv=None) -> int:
+    """python -m train.compression --config CONFIG [--checkpoint DIR | --fit] [--batches 8] [overrides]."""
+    parser = argparse.ArgumentParser(
+        prog="python -m train.compression",
+        description="Gradient error vs full tokens of token-dropout x patch-scaling settings on a checkpoint "
+                    "(or a fresh model), with cost and the cost-adjusted error, to choose a compression schedule; "
+                    "--fit trains a short uncompressed run, sweeps along it and writes the schedule.")
+    parser.add_argument("--config", action="append", help="YAML file(s) as for train.pretrain")
+    parser.add_argument("--checkpoint", help="a step_N checkpoint directory (or a checkpoints directory: its "
+                        "newest complete one); default: the freshly initialised model")
+    parser.add_argument("--fit", action="store_true", help="train train.steps uncompressed steps, sweep at the start "
+                        "of each of --stages equal stretches and write the lowest-cost-adjusted-error schedule")
+    parser.add_argument("--stages", type=int, default=4, help="--fit: stretches of training (4: 0/25/50/75 %%)")
+    parser.add_argument("--write", default="", help="--fit: the schedule YAML to write (default: "
+                        "<run.output_dir>/compression/<method>.yaml)")
+    parser.add_argument("--cost", choices=["flops", "time"], default="flops", help="cost of a setting relative to "
+                        "full tokens: the method's FLOPs model, or the measured forward + backward time")
+    parser.add_argument("--batches", type=int, default=8, help="batches of data.batch_size to average over (>= 2)")
+    parser.add_argument("--patch-scales", type=parse_floats, default=[1.0, 1.5, 2.0])
+    parser.add_argument("--keep-ratios", type=parse_floats, default=[1.0, 0.75, 0.5, 0.25])
+    parser.add_argument("--train-batch", type=int, default=0, help="global batch of the training run the variance "
+                        "is scaled to (default: train.global_batch_size, else data.batch_size)")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=256")
+    args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    from train.distributed import world_info_from_env
+    from train.engine import prepare_data
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.batches < 1 or any(not 0 < r <= 1 for r in args.keep_ratios) or any(s < 1 for s in args.patch_scales):
+            raise ConfigError("--batches must be >= 1, --keep-ratios in (0, 1], --patch-scales >= 1")
+        if args.stages < 1:
+            raise ConfigError(f"--stages={args.stages} must be >= 1")
+        cfg = prepare_data(cfg, world_info_from_env())
+        if args.fit:
+            fit(cfg, args)
+            return 0
+    except ConfigError as err:
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    rows, _, tokens, _ = sweep_checkpoint(cfg, args.checkpoint, args)
+    print(format_table(rows, cfg.model.patch_size, tokens))
     return 0
 
 

@@ -122,10 +122,12 @@ class ScheduleConfig:
     """A value as a pure function of training progress p in [0, 1] (train/compression.py:schedule_value)."""
 
     kind: str = "constant"  # constant (`start` throughout) | step | linear | cosine (start -> end by `until`)
+    #                         | piecewise (`values` over equal stretches of training)
     start: float = 1.0  # value at the start of training
     end: float = 1.0  # value from `until` on
     until: float = 1.0  # fraction of training at which the value reaches `end`
     stages: int = 1  # step: constant stages between start and end (values evenly spaced)
+    values: list[float] = field(default_factory=list)  # piecewise: value i over the i-th of len(values) stretches
 
 
 @dataclass
