@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics, seed_checkpoint
+from helpers import fully_partitioned_zero3, read_metrics, resume_run, seed_checkpoint
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.methods import build_method
@@ -112,13 +111,14 @@ DINO_RUN = ["method.name=dino", "method.freeze_last_layer=0.012", "method.warmup
             "run.ckpt_every=3", "run.keep_last=3"]
 
 
+@pytest.mark.e2e
 def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     """Under fully partitioned ZeRO-3 DINO retraces ZeRO-1's losses (gathers in the encoder, head and EMA
     update), and a run resumed at step 3 retraces the rest (teacher, centre and schedules restored)."""
     zero1 = make_cfg(*DINO_RUN, name="zero1")
-    train(zero1)
+    train(zero1, build_method)
     zero3 = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="zero3")
-    engine = train(zero3).engine
+    engine = train(zero3, build_method).engine
     method = engine.module
     # the optimizer's decayed groups got the scheduled weight decay (the others none); the head's last layer
     # (decayed) has a group of its own
@@ -133,15 +133,35 @@ def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     assert method.center.abs().sum() > 0 and method.freeze_steps == 2
 
     resumed = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="resumed")
-    seed_checkpoint(resumed, zero3.output_dir, 3)
-    again = train(resumed).engine.module
-    rest = read_metrics(resumed.output_dir)
+    rest, result = resume_run(resumed, zero3.output_dir, 3)
+    again = result.engine.module
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "train/teacher_entropy", "train/weight_decay"):
         assert [rest[s][key] for s in rest] == pytest.approx([rows[s][key] for s in rest], rel=1e-5), key
     assert torch.allclose(again.center, method.center, rtol=1e-5, atol=1e-7)
     teacher, teacher_again = method.teacher.module.state_dict(), again.teacher.module.state_dict()
     assert all(torch.allclose(teacher[k], teacher_again[k], rtol=1e-5, atol=1e-6) for k in teacher)
+
+
+@pytest.mark.e2e
+def test_export_and_checkpoint_eval_take_the_teacher_unless_asked_for_the_student(make_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.eval.export import export
+    from train.methods import METHODS
+    from train.weights import load_encoder, resolve_source
+
+    cfg = make_cfg("method.name=dino", "train.steps=2", "method.momentum_teacher=0.5", name="dino_export")
+    module = train(cfg, build_method).engine.module
+    teacher = {k: v.float() for k, v in module.eval_encoder().vit.state_dict().items()}
+    student = {k: v.float() for k, v in module.encoder.vit.state_dict().items()}
+    assert not torch.allclose(teacher["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
+    for kind, expected in (("teacher", teacher), ("student", student)):
+        exported = load_file(export(cfg.output_dir, tmp_path / kind, student=kind == "student") / "model.safetensors")
+        assert exported.keys() == expected.keys()
+        assert all(torch.allclose(exported[k], expected[k]) for k in expected), kind
+    loaded = load_encoder(resolve_source(cfg.output_dir), METHODS).vit.state_dict()
+    assert all(torch.allclose(loaded[k], teacher[k]) for k in teacher)
 
 
 def last_layer_adam_state(engine) -> dict:
@@ -158,6 +178,7 @@ def last_layer_adam_state(engine) -> dict:
     return basic.state.get(flat, {})
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_last_layer_is_frozen_bit_for_bit_then_trains_with_fresh_adam_state(make_cfg, tmp_path, monkeypatch, stage):
     """As the official `cancel_gradients_last_layer` (grad None, so AdamW skips it): during the freeze the last
@@ -183,7 +204,7 @@ def test_last_layer_is_frozen_bit_for_bit_then_trains_with_fresh_adam_state(make
     cfg = make_cfg(*run, name="straight")
     torch.manual_seed(cfg.run.seed)
     initial = build_method(cfg).head.last_layer.weight_v.detach().clone()
-    engine = train(cfg).engine
+    engine = train(cfg, build_method).engine
     assert engine.module.freeze_steps == 2
     assert torch.equal(seen[0], initial) and torch.equal(seen[1], initial)  # frozen: bit-identical
     assert not torch.equal(seen[2], initial)  # then it trains
@@ -200,5 +221,5 @@ def test_last_layer_is_frozen_bit_for_bit_then_trains_with_fresh_adam_state(make
     resumed = make_cfg(*run, name="resumed")
     seed_checkpoint(resumed, cfg.output_dir, 2)
     seen.clear()
-    train(resumed)
+    train(resumed, build_method)
     assert len(seen) == 1 and torch.allclose(seen[0], after_freeze, rtol=1e-5, atol=1e-7)

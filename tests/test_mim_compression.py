@@ -5,8 +5,9 @@ exact resume of a compressed run (patch scaling is rejected)."""
 import pytest
 import torch
 
-from conftest import read_metrics, seed_checkpoint
-from train.compression import FULL, GradientDiagnostic, Setting, drop_visible
+from helpers import read_metrics, seed_checkpoint
+from train.compression import FULL, Setting, drop_visible
+from train.compression.diagnostic import GradientDiagnostic
 from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
@@ -59,20 +60,21 @@ def test_token_dropout_runs_the_encoder_on_a_share_of_the_methods_visible_patche
     assert (method.tokens_per_image(), method.tokens_per_image(compression=HALF)) == (4, 2)
     assert method.flops_per_image(compression=HALF) < method.flops_per_image()
     # the gradient diagnostic: both passes share the method's own masks (global RNG), so the identity is exact
-    diagnostic = GradientDiagnostic(cfg, torch.device("cpu"))
+    diagnostic = GradientDiagnostic(lambda: build_method(cfg), torch.device("cpu"), seed=cfg.run.seed)
     identity = diagnostic(method, {"images": images}, 0, Setting(keep_ratio=1.0, seed=3))
     assert identity["compression/grad_cosine"] == pytest.approx(1.0, abs=1e-12)
     assert diagnostic(method, {"images": images}, 0, HALF)["compression/grad_cosine"] < 0.999
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("name", ["hpm", "mlo_mae"])
 def test_compressed_resume_retraces_the_uninterrupted_run(make_cfg, name):
     common = [f"method.name={name}", *DROPOUT, "train.steps=4", "run.ckpt_every=2"]
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     resumed = make_cfg(*common, name="resumed")
     seed_checkpoint(resumed, straight.output_dir, 2)
-    train(resumed)
+    train(resumed, build_method)
     full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
     assert [full[s]["compression/keep_ratio"] for s in (1, 2, 3, 4)] == [0.5, 0.625, 0.75, 0.875]
     assert sorted(rest) == [3, 4]

@@ -70,6 +70,11 @@ def set_frozen(optimizer: torch.optim.Optimizer, frozen: tuple[str, ...]) -> Non
         group["frozen"] = group.get("freezable") in frozen
 
 
+def peak_lr(base_lr: float, global_batch: int) -> float:
+    """MAE's rule: lr = base_lr x global batch / 256."""
+    return base_lr * global_batch / 256
+
+
 def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup to `peak_lr`, then half-cosine decay to `min_lr` at `total_steps` (per step, as MAE)."""
     if step < warmup_steps:
@@ -99,7 +104,7 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cp
             group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
         return Lars(groups, lr=lr, momentum=momentum)
     if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # heavy: only with optimizer offload
 
         class CPUAdamW(SkipsFrozenGroups, DeepSpeedCPUAdam):
             pass

@@ -18,10 +18,13 @@ from torch import nn
 
 from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError
-from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
+from train.methods.base import Method, register
+from train.methods.mae import MAEConfig
 from train.models.decoder import MAEDecoder
 from train.models.ema import EMA
+from train.models.losses import per_patch_loss
 from train.models.masking import masking_from_scores
+from train.models.patches import patchify, unpatchify
 from train.models.vit import ViTEncoder
 
 
@@ -116,12 +119,14 @@ def _rank01(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(dim=1).argsort(dim=1).float() / max(1, values.shape[1] - 1)
 
 
-class HPM(nn.Module):
+@register("hpm")
+class HPM(Method):
     """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches the
     teacher-guided masking leaves (the dropped ones are reconstructed and ranked like the masked ones);
     the teacher still scores every patch. No patch scaling (the loss predictor works on the model's grid)."""
 
     Config = HPMConfig
+    teachers = ("teacher",)
     supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
@@ -193,12 +198,6 @@ class HPM(nn.Module):
     def on_step_end(self, step: int) -> None:
         m = self.cfg
         self.teacher.update(self._student(), ema_momentum_at(step, self.total_steps, *m.ema_momentum, m.ema_ramp))
-
-    def get_extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
 
     def _as_patches(self, rgb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Colours in [0, 1] ((3,) or (B, N, 1) grey) as whole patches in normalised units, like `like`."""

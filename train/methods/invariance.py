@@ -1,7 +1,6 @@
 """Small pieces the augmentation-invariance methods (MoCo v3, SimCLR, DINO) share."""
 
 import torch
-import torch.distributed as dist
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
@@ -20,8 +19,6 @@ def crop_major(views: torch.Tensor) -> torch.Tensor:
     return views.transpose(0, 1).flatten(0, 1)
 
 
-def process_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def encoded_tokens(encoder: ViTEncoder, image_size: int, compression: Setting = FULL, dropout: bool = True) -> int:

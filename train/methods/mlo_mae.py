@@ -51,12 +51,16 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from data_pipeline.stream import resolve_shards
 from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError, ModelConfig
-from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
+from train.distributed import global_batch
+from train.methods.base import Method, register
+from train.methods.mae import MAEConfig
 from train.models.decoder import MAEDecoder
 from train.models.ema import EMA
+from train.models.losses import per_patch_loss
 from train.models.masking import masking_from_scores
+from train.models.patches import patchify, unpatchify
 from train.models.vit import ViTEncoder
-from train.optim import param_groups, set_lr
+from train.optim import param_groups, peak_lr, set_lr
 
 log = logging.getLogger("train")
 
@@ -293,7 +297,8 @@ def step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad
     optimizer.zero_grad(set_to_none=True)
 
 
-class MLOMAE(nn.Module):
+@register("mlo_mae")
+class MLOMAE(Method):
     """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches of the
     level-1 masks (the dropped ones are reconstructed and weighted like the masked ones; the
     hypergradient uses the same compressed batch). No patch scaling (the masking network scores the
@@ -317,10 +322,8 @@ class MLOMAE(nn.Module):
             raise ConfigError("method.num_classes: set it (>= 2); method.downstream_train has no manifest with classes")
         self.batch_size = cfg.data.batch_size
         self.downstream_batch = m.downstream_batch_size or cfg.data.batch_size
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        level1_batch = cfg.train.global_batch_size or cfg.data.batch_size * world
-        self.head_lr = m.head_base_lr * level1_batch / 256
-        self.mask_lr = m.mask_base_lr * level1_batch / 256
+        self.head_lr = peak_lr(m.head_base_lr, global_batch(cfg))
+        self.mask_lr = peak_lr(m.mask_base_lr, global_batch(cfg))
 
         self.encoder = ViTEncoder(cfg.model)
         self.num_keep = int(self.encoder.num_patches * (1 - m.mask_ratio))
