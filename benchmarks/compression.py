@@ -2,17 +2,20 @@
 
     python -m benchmarks.compression speed --config RUN.yaml --config train/configs/compression/moco_v3.yaml
     python -m benchmarks.compression learn --config train/configs/mae_demo.yaml \
-        --config train/configs/compression/mae.yaml
+        --config train/configs/compression/mae.yaml --budgets 0.25,0.5,1 --seeds 0,1,2
 
 `speed` times full training steps (forward, backward, AdamW; bf16 autocast on GPU; synthetic batches of
 the run's views, so the data pipeline is not measured) at the setting of each stage of the schedule and
 at full tokens, and prints the expected wall-clock of the whole schedule against the uncompressed run
 (a Riemann sum over `--points` equal stretches of training). One GPU, plain PyTorch: communication is
-left out. `learn` trains the run twice from the same config, uncompressed and compressed, and prints
-both wall-clocks (and the training process's CPU time, steadier on a shared machine) with the k-NN and
-linear-probe accuracy of each encoder on data.val.
+left out. `learn` compares uncompressed and compressed training at EQUAL compute: at each of `--budgets`
+(fractions of the uncompressed run's FLOPs; `train.budget` picks each run's steps) and `--seeds`, it
+trains both and prints accuracy vs compute (k-NN and linear probe on data.val, mean +- std over seeds)
+and the speedup to equal accuracy: the largest budget over the budget at which the compressed runs
+reach the uncompressed run's accuracy at the largest budget (interpolated), with its spread over seeds.
 """
 
+import argparse
 import copy
 import json
 import logging
@@ -120,45 +123,102 @@ def speed(cfg, args) -> dict:
     return summary
 
 
+def speedup_to_accuracy(budgets: list[float], accuracy: list[float], target: float) -> tuple[float | None, str]:
+    """(budget at which the accuracy-vs-budget curve first reaches `target`, how it was found).
+
+    Linear interpolation between the measured budgets; "reached" at the smallest budget gives only a
+    bound (the budget is at most that), "not reached" gives None.
+    """
+    if accuracy[0] >= target:
+        return budgets[0], "at most"
+    for (b0, a0), (b1, a1) in zip(zip(budgets, accuracy), zip(budgets[1:], accuracy[1:])):
+        if a1 >= target:
+            return b0 + (b1 - b0) * (target - a0) / (a1 - a0), "interpolated"
+    return None, "not reached"
+
+
 def learn(cfg, args) -> dict:
-    """Train uncompressed and compressed from the same config; wall-clock and k-NN / linear probe of each."""
+    """Uncompressed vs compressed at EQUAL compute: for each budget (a fraction of the training FLOPs of the
+    config's uncompressed run) and seed, both train for that many FLOPs (train.budget picks the steps) and
+    are evaluated (k-NN and linear probe of the encoder the method reports with, DINO: the teacher).
+    The speedup to equal accuracy is largest budget / the budget at which the compressed runs reach the
+    uncompressed run's accuracy at the largest budget (interpolated), per seed, then mean and spread."""
     root = cfg.output_dir
-    for sub in ("full", "compressed"):
-        if (root / sub).exists():
-            raise ConfigError(f"{root / sub} exists; remove it or choose another run.output_dir")
+    budgets, seeds = sorted(args.budgets), args.seeds
+    if any((root / sub).exists() for sub in ("full", "compressed")):
+        raise ConfigError(f"{root}/full or {root}/compressed exists; remove it or choose another run.output_dir")
+    if not CompressionSchedule(cfg.compression, cfg.model.patch_size, 1).active:
+        raise ConfigError("learn compares against a compression schedule: add one (--config "
+                          "train/configs/compression/<method>.yaml)")
     world = init_distributed()
     if ensure_demo_shards(cfg.data, cfg.output_dir / "shards", world.is_main):  # the embedded digits, once
         barrier()
-    results = {}
-    for sub in ("full", "compressed"):
-        run = copy.deepcopy(cfg)
-        run.run.output_dir, run.run.resume, run.eval.at_end = str(root / sub), "", False
-        if sub == "full":
-            run.compression = CompressionConfig()
-        start, cpu_start = time.perf_counter(), time.process_time()
-        result = train(run, build_method)
-        seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
-        module = result.engine.module
-        scores = evaluate_encoder(module.encoder, run, next(module.parameters()).device)
-        results[sub] = {"seconds": seconds, "cpu_seconds": cpu_seconds, "steps": result.steps, **scores}
-        log.info("%s: %d steps in %.0f s (%.0f CPU s), knn %.1f%%, linear %.1f%%", sub, result.steps, seconds,
-                 cpu_seconds, scores["knn_top1"], scores["linear_top1"])
-    full, comp = results["full"], results["compressed"]
-    results["speedup"] = full["seconds"] / comp["seconds"]
-    results["cpu_speedup"] = full["cpu_seconds"] / comp["cpu_seconds"]
-    results["flops_speedup"] = flops_speedup(module, CompressionSchedule(cfg.compression, cfg.model.patch_size,
-                                                                         comp["steps"]), comp["steps"])
-    print(f"{'run':>10} {'steps':>6} {'wall s':>8} {'CPU s':>8} {'knn %':>6} {'linear %':>8}")
-    for sub in ("full", "compressed"):
-        r = results[sub]
-        print(f"{sub:>10} {r['steps']:>6} {r['seconds']:>8.0f} {r['cpu_seconds']:>8.0f} {r['knn_top1']:>6.1f} "
-              f"{r['linear_top1']:>8.1f}")
-    print(f"compressed: {results['speedup']:.2f}x less wall-clock, {results['cpu_speedup']:.2f}x less CPU time of "
-          f"the training process (FLOPs model {results['flops_speedup'] or 0:.2f}x), "
-          f"k-NN {comp['knn_top1'] - full['knn_top1']:+.1f} points, linear "
-          f"{comp['linear_top1'] - full['linear_top1']:+.1f} points")
+    runs = []
+    for seed in seeds:
+        for budget in budgets:
+            for sub in ("full", "compressed"):
+                run = copy.deepcopy(cfg)
+                run.run.output_dir = str(root / sub / f"budget{budget:g}_seed{seed}")
+                run.run.resume, run.eval.at_end, run.run.seed, run.train.budget = "", False, seed, budget
+                if sub == "full":
+                    run.compression = CompressionConfig()
+                start, cpu_start = time.perf_counter(), time.process_time()
+                result = train(run, build_method)
+                seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+                module = result.engine.module
+                scores = evaluate_encoder(module.eval_encoder(), run, next(module.parameters()).device)
+                runs.append({"run": sub, "budget": budget, "seed": seed, "steps": result.steps, "seconds": seconds,
+                             "cpu_seconds": cpu_seconds, **scores})
+                log.info("%s budget %g seed %d: %d steps in %.0f s, knn %.1f%%, linear %.1f%%", sub, budget, seed,
+                         result.steps, seconds, scores["knn_top1"], scores["linear_top1"])
+
+    def curve(sub, seed, metric):
+        return [next(r[metric] for r in runs if (r["run"], r["budget"], r["seed"]) == (sub, b, seed)) for b in budgets]
+
+    def spread(values):
+        return (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0) if values else None
+
+    print(f"accuracy vs compute (budget: fraction of the uncompressed {cfg.train.steps or cfg.train.epochs}"
+          f"{'-step' if cfg.train.steps else '-epoch'} run's FLOPs), mean +- std over seeds {seeds}")
+    print(f"{'budget':>7} {'run':>10} {'steps':>6} {'CPU s':>7} {'knn %':>12} {'linear %':>12}")
+    table = []
+    for budget in budgets:
+        for sub in ("full", "compressed"):
+            rows = [r for r in runs if (r["run"], r["budget"]) == (sub, budget)]
+            knn, linear = spread([r["knn_top1"] for r in rows]), spread([r["linear_top1"] for r in rows])
+            table.append({"budget": budget, "run": sub, "steps": rows[0]["steps"], "knn_top1": knn,
+                          "linear_top1": linear})
+            cpu = statistics.mean(r["cpu_seconds"] for r in rows)
+            print(f"{budget:>7g} {sub:>10} {rows[0]['steps']:>6} {cpu:>7.0f} {knn[0]:>6.1f} +-{knn[1]:>4.1f} "
+                  f"{linear[0]:>6.1f} +-{linear[1]:>4.1f}")
+    speedups = {}
+    for metric in ("knn_top1", "linear_top1"):
+        per_seed = []
+        for seed in seeds:
+            target = curve("full", seed, metric)[-1]
+            reached, how = speedup_to_accuracy(budgets, curve("compressed", seed, metric), target)
+            per_seed.append({"seed": seed, "target": target, "budget": reached, "how": how,
+                             "speedup": budgets[-1] / reached if reached else None})
+        found = [s["speedup"] for s in per_seed if s["speedup"] is not None]
+        speedups[metric] = {"per_seed": per_seed, "mean_std": spread(found), "seeds_reached": len(found)}
+        summary = (f"{speedups[metric]['mean_std'][0]:.2f}x +- {speedups[metric]['mean_std'][1]:.2f}"
+                   if found else "none")
+        bounds = sum(s["how"] == "at most" for s in per_seed)
+        note = f", {bounds} of them already at the smallest budget: a lower bound" if bounds else ""
+        print(f"speedup to the uncompressed {metric} at budget {budgets[-1]:g}: {summary} (reached by "
+              f"{len(found)}/{len(seeds)} seeds{note})")
+    results = {"budgets": budgets, "seeds": seeds, "runs": runs, "table": table, "speedup_to_equal_accuracy": speedups}
     (root / "learning_check.json").write_text(json.dumps(results, indent=1))
     return results
+
+
+def parse_list(kind):
+    def parse(text: str):
+        try:
+            return [kind(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+    return parse
 
 
 def main(argv=None) -> int:
@@ -168,6 +228,9 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=3, help="speed: untimed steps per setting")
     parser.add_argument("--points", type=int, default=10, help="speed: equal stretches of training to time")
     parser.add_argument("--total-steps", type=int, default=0, help="speed: run length (default train.steps)")
+    parser.add_argument("--budgets", type=parse_list(float), default=[0.25, 0.5, 1.0],
+                        help="learn: compute budgets, fractions of the uncompressed run's training FLOPs")
+    parser.add_argument("--seeds", type=parse_list(int), default=[0, 1, 2], help="learn: seeds per budget")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
     return run_command(lambda: bench(args))
 

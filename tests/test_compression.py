@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+import yaml
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
 from data_pipeline.augment import SingleView
@@ -446,6 +447,49 @@ def test_sweep_command_prints_the_table_for_a_checkpoint(make_cfg, capsys):
     assert main([*args, "--keep-ratios", "1,0"]) == 2  # a bad grid is a one-line error
 
 
+def test_piecewise_schedule_holds_each_value_for_its_stretch():
+    schedule = ScheduleConfig(kind="piecewise", values=[0.25, 0.5, 1.0])
+    assert [schedule_value(schedule, p) for p in (0.0, 0.33, 0.34, 0.7, 1.0)] == [0.25, 0.25, 0.5, 1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"compression.keep_ratio.values=\[\]: a list of values for kind piecewise"):
+        tiny_mae("compression.keep_ratio.kind=piecewise")
+    with pytest.raises(ConfigError, match=r"compression.keep_ratio.values\[1\]=0.0 must be in \(0, 1\]"):
+        tiny_mae("compression.keep_ratio.kind=piecewise", "compression.keep_ratio.values=[0.5,0]")
+
+
+@pytest.mark.e2e
+def test_fit_writes_the_lowest_cost_adjusted_error_setting_of_each_stage(make_cfg, capsys):
+    cfg = make_cfg("train.steps=4", name="fit")
+    out = cfg.output_dir / "mae_fitted.yaml"
+    args = ["--fit", "--stages", "4", "--batches", "2", "--patch-scales", "1,2", "--keep-ratios", "1,0.5",
+            "--write", str(out), "train.steps=4", f"run.output_dir={cfg.output_dir}", f"data.train={cfg.data.train}",
+            "data.workers=0", "data.batch_size=8", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+            "model.depth=2", "model.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1",
+            "method.decoder_heads=2", "optim.warmup_steps=1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # the starred row (lowest CA_error) of each stage's table is that stage's setting
+    starred = [line.split() for line in printed.splitlines() if line.endswith(" *")]
+    assert len(starred) == 4 and "stage 3 (75% of training, step 3)" in printed
+    written = yaml.safe_load(out.read_text())["compression"]
+    assert written["keep_ratio"]["values"] == [float(row[1]) for row in starred]
+    assert written["patch_scale"]["values"] == [int(row[0]) / 4 for row in starred]
+    assert len(list((cfg.output_dir / "fit_run" / "checkpoints").glob("step_*"))) == 4  # the short run's quarters
+    # it stacks on a run config as any shipped schedule
+    stacked = load_config([REPO / "train/configs/mae_demo.yaml", out], ["train.steps=8"])
+    schedule = CompressionSchedule(stacked.compression, stacked.model.patch_size, 8)
+    assert [schedule.at(s).keep_ratio for s in (0, 2, 4, 6)] == written["keep_ratio"]["values"]
+
+
+def test_measured_cost_is_relative_to_full_tokens():
+    from train.compression.diagnostic import measured_cost
+
+    torch.manual_seed(0)
+    mae = build_method(tiny_mae())
+    costs = measured_cost(mae, {"images": torch.randn(8, 3, 16, 16)}, [FULL, Setting(keep_ratio=0.25)])
+    assert 0.1 < costs[0] < 10 and costs[1] > 0
+    assert all(p.grad is None for p in mae.parameters())
+
+
 # --------------------------------------------------------------------------------------------------- benchmarks
 
 def test_expected_wall_clock_of_a_schedule():
@@ -463,12 +507,46 @@ def test_expected_wall_clock_of_a_schedule():
     assert flops_speedup(mae, schedule, 100) == pytest.approx(expected)
 
 
+def test_speedup_to_equal_accuracy_by_hand():
+    from benchmarks.compression import speedup_to_accuracy
+
+    # the target 60 is crossed between budgets 0.5 (55) and 1 (70): at 0.5 + 0.5 x 5 / 15
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [40.0, 55.0, 70.0], 60.0) == (pytest.approx(2 / 3), "interpolated")
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [61.0, 65.0, 70.0], 60.0) == (0.25, "at most")
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [40.0, 50.0, 59.0], 60.0) == (None, "not reached")
+
+
+@pytest.mark.e2e
+def test_compute_budget_picks_the_steps_whose_flops_equal_it(make_cfg):
+    from train.compression import run_flops, steps_for_budget
+
+    torch.manual_seed(0)
+    cfg = make_cfg(*SCHEDULED, "train.steps=8")
+    mae = build_method(cfg)
+    full = run_flops(mae.flops_per_image, CompressionConfig(), 4, 8, 8)
+    assert full == 8 * 8 * mae.flops_per_image()
+    assert steps_for_budget(mae.flops_per_image, CompressionConfig(), 4, 8, 0.5 * full) == 4
+    steps = steps_for_budget(mae.flops_per_image, cfg.compression, 4, 8, full)
+    spent = [run_flops(mae.flops_per_image, cfg.compression, 4, t, 8) for t in (steps - 1, steps, steps + 1)]
+    assert steps > 8 and abs(spent[1] - full) == min(abs(f - full) for f in spent)  # the closest to the budget
+    # the engine runs that many steps, on the schedule stretched over them
+    with pytest.raises(ConfigError, match="set at most one"):
+        make_cfg("train.steps=8", "train.budget=0.5", "train.budget_flops=1e9")
+    budgeted = make_cfg(*SCHEDULED, "train.steps=8", "train.budget=1.0", "run.ckpt_every=100", name="budget")
+    assert train(budgeted, build_method).steps == steps
+    rows = read_metrics(budgeted.output_dir)
+    assert sorted(rows) == list(range(1, steps + 1)) and rows[steps]["compression/patch_size"] == 4
+    assert rows[1]["compression/keep_ratio"] == 0.5
+
+
 @pytest.mark.e2e
 def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     from benchmarks.compression import main as bench
 
-    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the two short runs cheap
-    scores = iter([{"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 58.5, "linear_top1": 51.0}])
+    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the short runs cheap. Call order:
+    # budget 0.5 full, compressed, budget 1 full, compressed
+    scores = iter([{"knn_top1": 50.0, "linear_top1": 40.0}, {"knn_top1": 55.0, "linear_top1": 30.0},
+                   {"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 70.0, "linear_top1": 45.0}])
     monkeypatch.setattr("benchmarks.compression.evaluate_encoder", lambda *args, **kwargs: next(scores))
 
     cfg = make_cfg(*SCHEDULED, "train.steps=4", name="bench")
@@ -480,12 +558,19 @@ def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     assert bench(["speed", "--steps", "1", "--warmup", "0", "--points", "2", *overrides]) == 0
     speed = json.loads((cfg.output_dir / "compression_speed.json").read_text())
     assert [s["patch_size"] for s in speed["stages"]] == [4, 8, 4] and speed["speedup"] > 0
-    assert bench(["learn", *overrides]) == 0
+    assert bench(["learn", "--budgets", "0.5,1", "--seeds", "0", *overrides]) == 0
     check = json.loads((cfg.output_dir / "learning_check.json").read_text())
-    assert check["full"]["steps"] == check["compressed"]["steps"] == 4 and check["flops_speedup"] > 1
-    assert not any("compression/keep_ratio" in r for r in read_metrics(cfg.output_dir / "full").values())
-    assert read_metrics(cfg.output_dir / "compressed")[1]["compression/keep_ratio"] == 0.5
-    assert "k-NN -1.5 points, linear +1.0 points" in capsys.readouterr().out
+    steps = {(r["run"], r["budget"]): r["steps"] for r in check["runs"]}
+    assert steps[("full", 0.5)] == 2 and steps[("full", 1.0)] == 4  # equal compute: more compressed steps
+    assert steps[("compressed", 0.5)] > 2 and steps[("compressed", 1.0)] > 4
+    full_run, compressed_run = (cfg.output_dir / sub / "budget1_seed0" for sub in ("full", "compressed"))
+    assert not any("compression/keep_ratio" in r for r in read_metrics(full_run).values())
+    assert read_metrics(compressed_run)[1]["compression/keep_ratio"] == 0.5
+    knn = check["speedup_to_equal_accuracy"]["knn_top1"]
+    assert knn["per_seed"][0]["budget"] == pytest.approx(2 / 3) and knn["mean_std"][0] == pytest.approx(1.5)
+    out = capsys.readouterr().out
+    assert "speedup to the uncompressed knn_top1 at budget 1: 1.50x" in out
+    assert "speedup to the uncompressed linear_top1 at budget 1: none (reached by 0/1 seeds)" in out
 
 
 @pytest.mark.e2e

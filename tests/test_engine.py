@@ -1,12 +1,17 @@
 import json
 
 import pytest
+import torch
 
+from data_pipeline.augment import SingleView
+from data_pipeline.batch import to_device
+from data_pipeline.stream import StreamLoader, resolve_shards
 from helpers import fully_partitioned_zero3, losses, plain_pytorch_losses, read_metrics, resume_run
 from train import checkpoint
 from train.config import ConfigError
 from train.engine import deepspeed_config, train
 from train.methods import build_method
+from train.optim import lr_at, param_groups, set_lr
 
 
 @pytest.mark.e2e
@@ -94,3 +99,53 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, monkeypatch):
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3 .* last good checkpoint is step_00000002"):
         train(cfg, build_method)
     assert checkpoint.find_resume_tag(cfg.output_dir / "checkpoints") == "step_00000002"
+
+
+def clip_by_hand(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """DINO's utils.clip_gradients for one parameter, written out."""
+    norm = grad.pow(2).sum().sqrt()
+    coef = max_norm / (norm + 1e-6)
+    return grad * coef if coef < 1 else grad
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_per_parameter_clipping_is_dinos_under_every_zero_stage(make_cfg, tmp_path, stage):
+    """optim.clip_per_param: each parameter's (rank-averaged) gradient clipped to norm clip_grad before the step.
+    With SGD the update is the clipped gradient itself, so the weights after 3 steps show it exactly."""
+    from train.models.ema import gathered
+
+    steps, max_norm = 3, 0.05
+    ds = fully_partitioned_zero3(tmp_path) if stage == 3 else f"ds_configs/zero{stage}.json"
+    cfg = make_cfg(f"train.steps={steps}", "optim.optimizer=sgd", "optim.momentum=0", "optim.base_lr=10",
+                   "optim.weight_decay=0", f"optim.clip_grad={max_norm}", "optim.clip_per_param=true",
+                   "train.precision=fp32", f"train.deepspeed={ds}", name=f"clip{stage}")
+    module = train(cfg, build_method).engine.module
+    with gathered(list(module.parameters())):
+        ours = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg)
+    initial = {n: p.detach().clone() for n, p in method.named_parameters()}
+    peak = cfg.optim.base_lr * cfg.data.batch_size / 256
+    opt = torch.optim.SGD(param_groups(method, 0.0), lr=peak)
+    torch.manual_seed(cfg.run.seed)
+    loader = StreamLoader(resolve_shards(cfg.data.train).urls, SingleView(cfg.model.img_size, cfg.data.crop_scale,
+                          cfg.data.hflip), cfg.data.batch_size, seed=cfg.run.seed,
+                          shuffle_buffer=cfg.data.shuffle_buffer)
+    norms = []
+    for step, batch in zip(range(steps), loader):
+        set_lr(opt, lr_at(step, peak, steps, cfg.optim.warmup_steps))
+        loss, _ = method(to_device(batch, torch.device("cpu"), cfg.data.mean, cfg.data.std), step)
+        opt.zero_grad()
+        loss.backward()
+        for p in method.parameters():
+            if p.grad is not None:
+                norms.append(float(p.grad.norm()))
+                p.grad = clip_by_hand(p.grad, max_norm)
+        opt.step()
+    assert min(norms) < max_norm < max(norms)  # some gradients clipped, some not
+    for name, p in method.named_parameters():
+        moved, expected = ours[name] - initial[name], p.detach() - initial[name]
+        assert torch.allclose(moved, expected, rtol=1e-4, atol=1e-7), name
+    assert any((p.detach() - initial[n]).norm() > 0.1 * max_norm for n, p in method.named_parameters())

@@ -42,7 +42,9 @@ def load_recipe(path, teacher, more=()):
     stand_ins = [f"method.teacher.path={teacher}"] * ("teacher" in method) + ["method.init="] * ("init" in method)
     if (tree.get("data") or {}).get("train") and hasattr(typed(tree).method, "num_classes"):
         stand_ins.append("method.num_classes=1000")  # the manifest that would list the classes is not here
-    return load_config(path, stand_ins + list(more))
+    run = typed(tree)  # on the GPUs its global batch is sized for (MoCo v3, SimCLR, DINO refuse accumulation)
+    gpus = max(1, run.train.global_batch_size // run.data.batch_size)
+    return load_config(path, stand_ins + list(more), world_size=gpus)
 
 
 def test_base_includes_nest_resolve_relative_and_later_keys_win(tmp_path):

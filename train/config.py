@@ -94,6 +94,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0
     clip_grad: float = 0.0  # 0: off
+    clip_per_param: bool = False  # clip each parameter's gradient to norm clip_grad (DINO's clip_gradients), not the
+    #                               global norm over all parameters (DeepSpeed's gradient_clipping)
+    decay_all: bool = False  # weight decay on every parameter, norms, biases and tokens too (MoCo v3's AdamW)
     optimizer: str = "adamw"  # adamw | sgd | lars (LARS: MAE's linear probe; needs ZeRO stage 0 and fp32)
     momentum: float = 0.9  # sgd and lars
     layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE fine-tuning): lr x decay^(depth + 1 - layer); 1: off
@@ -103,7 +106,12 @@ class OptimConfig:
 class TrainConfig:
     epochs: float = 0.0  # length in passes over `data.train` (needs its sample count) ...
     steps: int = 0  # ... or in optimizer steps; exactly one of them is set
+    budget: float = 0.0  # > 0: run for this fraction of the training FLOPs of the uncompressed run of epochs/steps,
+    #                      the number of steps chosen so that the compression schedule's total FLOPs equal it
+    budget_flops: float = 0.0  # > 0: the same with an absolute budget of training FLOPs (all ranks together)
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
+    accept_micro_batch_statistics: bool = False  # allow gradient accumulation for methods whose loss couples the
+    #      images of a batch (contrastive negatives, BatchNorm, DINO's centre): each micro-batch is then its own batch
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
     compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
@@ -124,10 +132,12 @@ class ScheduleConfig:
     """A value as a pure function of training progress p in [0, 1] (train/compression.py:schedule_value)."""
 
     kind: str = "constant"  # constant (`start` throughout) | step | linear | cosine (start -> end by `until`)
+    #                         | piecewise (`values` over equal stretches of training)
     start: float = 1.0  # value at the start of training
     end: float = 1.0  # value from `until` on
     until: float = 1.0  # fraction of training at which the value reaches `end`
     stages: int = 1  # step: constant stages between start and end (values evenly spaced)
+    values: list[float] = field(default_factory=list)  # piecewise: value i over the i-th of len(values) stretches
 
 
 @dataclass
@@ -357,6 +367,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:
         raise ConfigError("train.epochs needs the sample count: point data.train at a manifest .json "
                           "or set data.num_samples")
+    if t.budget < 0 or t.budget_flops < 0 or (t.budget and t.budget_flops):
+        raise ConfigError(f"train.budget={t.budget} and train.budget_flops={t.budget_flops}: set at most one, > 0")
     per_step = d.batch_size * world_size
     if t.global_batch_size and t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
@@ -380,6 +392,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
     if o.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
+    if o.decay_all and o.layer_decay < 1:
+        raise ConfigError("optim.decay_all=true with optim.layer_decay < 1: layer-wise groups exempt norms and biases; "
+                          "choose one")
+    if o.clip_per_param and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_per_param=true needs optim.clip_grad > 0 (got {o.clip_grad})")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
     if o.optimizer == "lars" and (zero.get("stage", 0) != 0 or t.precision != "fp32"):

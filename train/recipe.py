@@ -28,4 +28,12 @@ def load_config(path: str | Path | list | None = None, overrides: list[str] = ()
         check(cfg)
     # declared by the method class itself: a subclass that changes forward() must opt in again
     check_supported(cfg, vars(method).get("supported_compression", ()))
+    d, t = cfg.data, cfg.train
+    per_step = d.batch_size * world_size
+    if method.batch_coupled and t.global_batch_size > per_step and not t.accept_micro_batch_statistics:
+        raise ConfigError(
+            f"train.global_batch_size={t.global_batch_size} > data.batch_size x world size = {d.batch_size} x "
+            f"{world_size} means gradient accumulation, but {cfg.method.name}'s {method.batch_coupled} would come "
+            f"from each micro-batch of {per_step}: use more GPUs or a smaller train.global_batch_size, or set "
+            "train.accept_micro_batch_statistics=true")
     return cfg

@@ -27,10 +27,10 @@ import numpy as np
 import torch
 
 from train.config import CompressionConfig, Config, ConfigError, ScheduleConfig
-from train.models.masking import random_masking
+from train.models.masking import masking_from_scores, random_masking
 from train.models.vit import patch_grid
 
-KINDS = ("constant", "step", "linear", "cosine")
+KINDS = ("constant", "step", "linear", "cosine", "piecewise")
 KNOBS = {"keep_ratio": "token_dropout", "patch_scale": "patch_scaling"}
 
 
@@ -40,11 +40,15 @@ def schedule_value(schedule: ScheduleConfig, progress: float) -> float:
     constant: `start` throughout. step / linear / cosine go from `start` at 0 to `end` at `until`
     and stay at `end` after it: step in `stages` equal constant stages with evenly spaced values
     (stages=1: `start`, then `end`), linear in a straight line, cosine along a half cosine.
+    piecewise: `values[i]` over the i-th of len(values) equal stretches of training (what
+    `python -m train.compression --fit` writes).
     """
     s = schedule
     if s.kind == "constant":
         return s.start
     progress = min(max(progress, 0.0), 1.0)
+    if s.kind == "piecewise":
+        return s.values[min(int(progress * len(s.values)), len(s.values) - 1)]
     if progress >= s.until:
         return s.end
     t = progress / s.until
@@ -112,7 +116,22 @@ def encode(encoder, images: torch.Tensor, compression: Setting = FULL, dropout: 
     return encoder(images, ids_keep=ids_keep, patch_size=compression.patch_size, **kwargs)
 
 
+def drop_visible(ids_keep: torch.Tensor, ids_restore: torch.Tensor, mask: torch.Tensor, compression: Setting = FULL):
+    """Token dropout for methods that choose their own visible patches (HPM, MLO-MAE): keep a random
+    `keep_ratio` of each image's visible patches `ids_keep` (B, K); the dropped ones join the masked
+    (reconstructed) patches. Returns (ids_keep, ids_restore, mask) as `random_masking` (unchanged when
+    nothing is dropped)."""
+    keep = compression.keep_ids(ids_keep.shape[0], ids_keep.shape[1], ids_keep.device)
+    if keep is None:
+        return ids_keep, ids_restore, mask
+    kept = ids_keep.gather(1, keep)
+    scores = torch.ones_like(mask, dtype=torch.float32).scatter_(1, kept, 0.0)  # the kept ones sort first
+    return masking_from_scores(scores, kept.shape[1])
+
+
 def schedule_active(schedule: ScheduleConfig) -> bool:
+    if schedule.kind == "piecewise":
+        return any(v != 1.0 for v in schedule.values)
     return schedule.start != 1.0 or (schedule.kind != "constant" and schedule.end != 1.0)
 
 
@@ -140,6 +159,28 @@ class CompressionSchedule:
                 "compression/keep_ratio": float(setting.keep_ratio)}
 
 
+def run_flops(flops_per_image, cfg: CompressionConfig, base_patch_size: int, total_steps: int,
+              global_batch: int) -> float:
+    """Training FLOPs of a `total_steps` run on the compression schedule `cfg` (the FLOPs model of the method)."""
+    schedule = CompressionSchedule(cfg, base_patch_size, total_steps)
+    if not schedule.active:
+        return total_steps * global_batch * flops_per_image()
+    return global_batch * sum(flops_per_image(compression=schedule.at(step)) for step in range(total_steps))
+
+
+def steps_for_budget(flops_per_image, cfg: CompressionConfig, base_patch_size: int, global_batch: int,
+                     budget: float) -> int:
+    """The number of steps whose run on the schedule `cfg` (a function of step / steps) costs `budget` FLOPs
+    most closely: a first guess from the schedule's mean cost per step, then the exact totals around it."""
+    progress = [(i + 0.5) / 1000 for i in range(1000)]
+    schedule = CompressionSchedule(cfg, base_patch_size, 1)
+    mean = sum(flops_per_image(compression=schedule.setting_at(p)) for p in progress) / len(progress)
+    guess = max(1, round(budget / (global_batch * mean)))
+    candidates = range(max(1, guess - 2), guess + 3)
+    return min(candidates, key=lambda t: abs(run_flops(flops_per_image, cfg, base_patch_size, t, global_batch)
+                                             - budget))
+
+
 def validate_schedules(cfg: Config) -> list[str]:
     """One-line errors for impossible compression settings, before any model is built; returns the scheduled
     knobs (`keep_ratio`, `patch_scale`), which the method must support (checked by `train.recipe`)."""
@@ -153,8 +194,10 @@ def validate_schedules(cfg: Config) -> list[str]:
             raise ConfigError(f"{key}.until={s.until} must be in (0, 1] (a fraction of training)")
         if s.stages < 1:
             raise ConfigError(f"{key}.stages={s.stages} must be >= 1")
-        for end in ("start", "end"):
-            value = getattr(s, end)
+        if (s.kind == "piecewise") != bool(s.values):
+            raise ConfigError(f"{key}.values={s.values}: a list of values for kind piecewise, and only for it")
+        values = [("start", s.start), ("end", s.end)] + [(f"values[{i}]", v) for i, v in enumerate(s.values)]
+        for end, value in values:
             if knob == "keep_ratio" and not 0.0 < value <= 1.0:
                 raise ConfigError(f"{key}.{end}={value} must be in (0, 1] (the share of patch tokens kept)")
             if knob == "patch_scale" and not 1.0 <= value <= max_scale:

@@ -135,9 +135,35 @@ def sweep(diagnostic: GradientDiagnostic, batches: list[dict], settings: list[Se
     return rows
 
 
+def measured_cost(method: torch.nn.Module, batch: dict, settings: list[Setting], repeats: int = 3) -> list[float]:
+    """Time of a forward + backward under each setting relative to full tokens (median of `repeats`)."""
+    import time
+
+    def seconds(setting: Setting) -> float:
+        times = []
+        for _ in range(repeats + 1):  # the first one warms up
+            start = time.perf_counter()
+            loss, _ = method({**batch, "compression": setting}, 0)
+            loss.backward()
+            method.zero_grad(set_to_none=True)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[len(times[1:]) // 2]
+
+    with torch.random.fork_rng():
+        full = seconds(FULL)
+        return [seconds(s) / full for s in settings]
+
+
+def best_setting(rows: list[dict]) -> int:
+    """Index of the row with the lowest cost-adjusted error (what chooses a schedule; not the cosine)."""
+    return min(range(len(rows)), key=lambda i: rows[i]["ca_error"] if math.isfinite(rows[i]["ca_error"]) else 1e300)
+
+
 def format_table(rows: list[dict], patch_size: int, tokens: list[int]) -> str:
     """The sweep as a fixed-width table, the lowest cost-adjusted error marked with *."""
-    best = min(range(len(rows)), key=lambda i: rows[i]["ca_error"] if math.isfinite(rows[i]["ca_error"]) else 1e300)
+    best = best_setting(rows)
     lines = [f"{'patch':>5} {'keep':>5} {'tokens':>6} {'cost':>6} {'cosine':>7} {'rel_err':>7} {'bias2':>9} "
              f"{'cost*var':>9} {'CA_error':>9}"]
     for i, (r, t) in enumerate(zip(rows, tokens, strict=True)):

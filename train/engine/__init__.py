@@ -31,6 +31,7 @@ from train.engine.setup import (
     use_bf16,
 )
 from train.methods.base import Method
+from train.optim import clip_per_parameter
 
 __all__ = ["RunResult", "OutOfMemory", "Run", "StopFlag", "architecture", "build_engine", "deepspeed_config",
            "offloads_optimizer", "setup", "steps_per_epoch_for", "total_steps_for", "train", "use_bf16"]
@@ -69,6 +70,8 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
                                                                               micro))
                 loss, report = engine(batch, step)
                 engine.backward(loss)
+                if cfg.optim.clip_per_param and micro == run.accum - 1:
+                    clip_per_parameter(method, cfg.optim.clip_grad)
                 engine.step()
                 meter.add(report)
             step += 1

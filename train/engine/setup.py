@@ -17,14 +17,14 @@ from data_pipeline.augment import build_views
 from data_pipeline.shards import ensure_demo_shards
 from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
-from train.compression import CompressionSchedule
+from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, global_batch, init_distributed
 from train.eval.online import OnlineMonitor
 from train.methods.base import Method
 from train.monitor import Monitor
-from train.optim import lr_at, make_optimizer, param_groups, set_lr, set_weight_decay, weight_decay_at
+from train.optim import lr_at, make_optimizer, param_groups, set_frozen, set_lr, set_weight_decay, weight_decay_at
 from train.optim import peak_lr as optim_peak_lr
 from train.planning import GB, Estimate, ZeroSetting, estimate, footprint, human, plan
 from train.speed import compile_blocks, enable_fast_kernels
@@ -59,7 +59,7 @@ def deepspeed_config(cfg: Config, world_size: int) -> dict:
         train_batch_size=total,
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=total // (micro * world_size),
-        gradient_clipping=cfg.optim.clip_grad,
+        gradient_clipping=0.0 if cfg.optim.clip_per_param else cfg.optim.clip_grad,
         bf16={"enabled": use_bf16(cfg)},
         steps_per_print=10**12,
     )
@@ -105,9 +105,10 @@ def build_engine(cfg: Config, build_method: Callable[[Config], Method], world_si
         compile_blocks(method, cfg.train.compile)
     ds_config = deepspeed_config(cfg, world_size)
     peak_lr = optim_peak_lr(cfg.optim.base_lr, ds_config["train_batch_size"])
-    optimizer = make_optimizer(param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay), peak_lr,
-                               cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config), name=cfg.optim.optimizer,
-                               momentum=cfg.optim.momentum)
+    groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.decay_all,
+                          method.freezable)
+    optimizer = make_optimizer(groups, peak_lr, cfg.optim.betas, cpu_offload=offloads_optimizer(ds_config),
+                               name=cfg.optim.optimizer, momentum=cfg.optim.momentum)
     engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     return engine, optimizer, ds_config, peak_lr
 
@@ -138,6 +139,21 @@ class StopFlag:
     def restore(self):
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, signal.SIG_DFL)
+
+def budget_steps(cfg: Config, method, steps: int, warmup: int, global_batch: int, log_it: bool) -> tuple[int, int]:
+    """(total, warmup) steps of a run given as a compute budget (train.budget / train.budget_flops): the
+    number of steps on the compression schedule whose training FLOPs equal the budget (FLOPs model)."""
+    if method.flops_per_image() is None:
+        raise ConfigError(f"train.budget: method {cfg.method.name} has no FLOPs model (flops_per_image)")
+    patch = cfg.model.patch_size
+    uncompressed = run_flops(method.flops_per_image, type(cfg.compression)(), patch, steps, global_batch)
+    budget = cfg.train.budget_flops or cfg.train.budget * uncompressed
+    total = steps_for_budget(method.flops_per_image, cfg.compression, patch, global_batch, budget)
+    spent = run_flops(method.flops_per_image, cfg.compression, patch, total, global_batch)
+    if log_it:
+        log.info("compute budget %.4g FLOPs (%.3g x the uncompressed %d-step run's %.4g): %d steps on the compression "
+                 "schedule = %.4g FLOPs", budget, budget / uncompressed, steps, uncompressed, total, spent)
+    return total, min(warmup, total)
 
 
 @dataclass
@@ -172,6 +188,7 @@ class Run:
         if o.weight_decay_end >= 0:
             values["train/weight_decay"] = weight_decay_at(step, self.total_steps, o.weight_decay, o.weight_decay_end)
             set_weight_decay(self.optimizer, values["train/weight_decay"])
+        set_frozen(self.optimizer, self.engine.module.frozen(step))  # parameters left out of this step
         return values
 
     def save(self, step: int) -> str:
@@ -201,6 +218,9 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size)
     step, data_state, aux_state = resume(cfg, engine, world)
     method = engine.module
+    if cfg.train.budget or cfg.train.budget_flops:
+        total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps,
+                                                 ds_config["train_batch_size"], world.is_main)
     loader = stream_loader(cfg, world, device, shards.urls, cfg.data.batch_size, cfg.run.seed, cfg.data.resampled,
                            data_state)
     aux_loaders = {name: stream_loader(cfg, world, device, urls, batch_size, mix_seed(cfg.run.seed,

@@ -46,6 +46,11 @@ class Method(nn.Module):
     teachers: tuple[str, ...] = ()
     aux_every: int = 1  # aux_step runs after every aux_every-th optimizer step
     export_prefixes: tuple[str, ...] = (ENCODER_PREFIX,)  # state-dict keys `timm_state` reads from a checkpoint
+    # what of the loss couples the images of a batch (contrastive negatives, BatchNorm, DINO's centre): config
+    # validation then refuses gradient accumulation unless train.accept_micro_batch_statistics
+    batch_coupled: str = ""
+    # parameter-name prefixes that get optimizer groups of their own, which `frozen(step)` can leave out of a step
+    freezable: tuple[str, ...] = ()
 
     encoder: ViTEncoder
 
@@ -59,6 +64,11 @@ class Method(nn.Module):
     def set_total_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
         """Called once before the first step, for schedules over training progress (also for runs given in
         epochs); `steps_per_epoch` is None when the sample count is unknown."""
+
+    def frozen(self, step: int) -> tuple[str, ...]:
+        """The `freezable` prefixes whose parameters the optimizer leaves out of step `step` (no update, no
+        weight decay, no optimizer state: as a gradient of None)."""
+        return ()
 
     def on_step_end(self, step: int) -> None:
         """After each optimizer step, with the new step count (EMA teacher updates)."""

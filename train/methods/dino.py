@@ -92,6 +92,9 @@ class DINO(Method):
     supported_compression = ("token_dropout", "patch_scaling")
     teachers = ("teacher",)
     export_prefixes = (ENCODER_PREFIX, "_extra_state")  # the teacher lives in the extra state
+    # the centre is the teacher outputs' batch mean: no gradient accumulation unless accepted (train/config.py)
+    batch_coupled = "centre (the teacher outputs' batch mean)"
+    freezable = ("head.last_layer.",)  # own optimizer groups, left out of the optimizer step while `frozen`
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -118,6 +121,12 @@ class DINO(Method):
         self.freeze_steps = round(m.freeze_last_layer * (steps_per_epoch or 0))
         self.teacher_temp_warmup_steps = round(m.warmup_teacher_temp_epochs * (steps_per_epoch or 0))
 
+    def frozen(self, step: int) -> tuple[str, ...]:
+        """The `freezable` parameters the optimizer leaves alone at `step`: the head's last layer during the first
+        `freeze_last_layer` epochs, as the official `cancel_gradients_last_layer` (no update, no weight decay,
+        no Adam state until it trains)."""
+        return self.freezable if step < self.freeze_steps else ()
+
     def teacher_temp_at(self, step: int) -> float:
         m, warmup = self.cfg, self.teacher_temp_warmup_steps
         if step >= warmup:
@@ -136,7 +145,7 @@ class DINO(Method):
         # one pass per resolution; each draws its own token-dropout subsets
         features = torch.cat([encode(self.encoder, crop, compression, stream=i, pool="token")
                               for i, crop in enumerate(crops)])
-        student = self.head(features, freeze_last_layer=step < self.freeze_steps).unflatten(0, (-1, b))
+        student = self.head(features, freeze_last_layer=bool(self.frozen(step))).unflatten(0, (-1, b))
         with torch.no_grad():
             teacher = self.teacher.on(device)
             with autocast_like(self.encoder, device):

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from train.compression import FULL, Setting
+from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError
 from train.methods.base import Method, register
 from train.methods.mae import MAEConfig
@@ -121,8 +121,13 @@ def _rank01(values: torch.Tensor) -> torch.Tensor:
 
 @register("hpm")
 class HPM(Method):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches the
+    teacher-guided masking leaves (the dropped ones are reconstructed and ranked like the masked ones);
+    the teacher still scores every patch. No patch scaling (the loss predictor works on the model's grid)."""
+
     Config = HPMConfig
     teachers = ("teacher",)
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -164,10 +169,11 @@ class HPM(Method):
             in_order = torch.arange(self.encoder.num_patches, device=images.device).expand(images.shape[0], -1)
             return teacher["loss_predictor"](latent, in_order).squeeze(-1).float()
 
-    def _run(self, images: torch.Tensor, share: float):
+    def _run(self, images: torch.Tensor, share: float, compression: Setting = FULL):
         """Teacher-guided masking, encoder on the visible patches, both decoder branches."""
         difficulty = self.teacher_difficulty(images)
         ids_keep, ids_restore, mask, hard = hard_patch_masking(difficulty, self.num_keep, share)
+        ids_keep, ids_restore, mask = drop_visible(ids_keep, ids_restore, mask, compression)
         latent = self.encoder(images, ids_keep)
         pred = self.decoder(latent, ids_restore)
         predicted_loss = self.loss_predictor(latent, ids_restore).squeeze(-1)
@@ -176,7 +182,8 @@ class HPM(Method):
 
     def forward(self, batch: dict, step: int = 0):
         self.share = self.hard_share(step)
-        real_loss, predicted_loss, difficulty, mask, _, _ = self._run(batch["images"], self.share)
+        real_loss, predicted_loss, difficulty, mask, _, _ = self._run(batch["images"], self.share,
+                                                                      batch.get("compression", FULL))
         recon = (real_loss * mask).sum() / mask.sum()  # mae_loss from the per-patch losses computed once
         target = real_loss.detach()  # the predictor learns the order of these; no gradient into them
         rank = relative_loss(predicted_loss, target, mask)
@@ -222,9 +229,9 @@ class HPM(Method):
     def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image: student (forward x 3) on the kept tokens with both decoder branches,
         plus the teacher's forward of the encoder and loss predictor on all tokens."""
-        student = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops() * 2
+        student = self.encoder.forward_flops(self.tokens_per_image(compression)) + self.decoder.forward_flops() * 2
         teacher = self.encoder.forward_flops(self.encoder.num_patches) + self.loss_predictor.forward_flops()
         return 3 * student + teacher
 
     def tokens_per_image(self, compression: Setting = FULL) -> int:
-        return self.num_keep
+        return compression.num_kept(self.num_keep)

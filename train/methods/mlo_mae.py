@@ -49,7 +49,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.stream import resolve_shards
-from train.compression import FULL, Setting
+from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError, ModelConfig
 from train.distributed import global_batch
 from train.methods.base import Method, register
@@ -299,7 +299,13 @@ def step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad
 
 @register("mlo_mae")
 class MLOMAE(Method):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches of the
+    level-1 masks (the dropped ones are reconstructed and weighted like the masked ones; the
+    hypergradient uses the same compressed batch). No patch scaling (the masking network scores the
+    model's grid)."""
+
     Config = MLOMAEConfig
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -354,6 +360,7 @@ class MLOMAE(Method):
         """Level 1: the MAE loss on the masking network's masks, weighted by the mask probabilities."""
         images = batch["images"]
         probs, ids_keep, ids_restore, mask = self.sample(images)
+        ids_keep, ids_restore, mask = drop_visible(ids_keep, ids_restore, mask, batch.get("compression", FULL))
         pred = self.decoder(self.encoder(images, ids_keep), ids_restore)
         per_patch = per_patch_loss(pred, patchify(images, self.encoder.patch_size), self.cfg.norm_pix_loss)
         loss = weighted_mae_loss(per_patch, mask, probs, self.cfg.normalize_mask_weights)
@@ -424,7 +431,7 @@ class MLOMAE(Method):
         """Training FLOPs per level-1 image with levels 2 and 3 amortised over `hyper_every` steps (a backward
         counted as 2 forwards, the forward-mode pass as 2 forwards)."""
         m, n = self.cfg, self.encoder.num_patches
-        masked = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops()
+        masked = self.encoder.forward_flops(self.tokens_per_image(compression)) + self.decoder.forward_flops()
         full = self.encoder.forward_flops(n)
         masker = self.upper.masker.encoder.forward_flops(n)
         downstream = full * (3 if m.head_unroll_lr > 0 else 1) + 3 * full  # level 2, level 3 (per labelled image)
@@ -432,4 +439,4 @@ class MLOMAE(Method):
         return 3 * masked + masker + hyper / m.hyper_every
 
     def tokens_per_image(self, compression: Setting = FULL) -> int:
-        return self.num_keep
+        return compression.num_kept(self.num_keep)

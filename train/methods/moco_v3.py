@@ -13,7 +13,7 @@ from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
 from train.distributed import rank as process_rank
 from train.methods.base import Method, register
-from train.methods.invariance import crop_major, encoded_tokens, require_views, warn_if_accumulating
+from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
@@ -58,11 +58,12 @@ class MoCoV3(Method):
     Config = MoCoV3Config
     supported_compression = ("token_dropout", "patch_scaling")
     teachers = ("teacher",)
+    # the loss couples the images of a batch: no gradient accumulation unless accepted (train/config.py)
+    batch_coupled = "contrastive negatives and BatchNorm statistics"
 
     def __init__(self, cfg: Config):
         super().__init__()
         m = self.cfg = cfg.method
-        warn_if_accumulating(cfg, m.name)
         self.encoder = ViTEncoder(cfg.model)
         if m.frozen_patch_embed:
             self.encoder.vit.patch_embed.requires_grad_(False)
