@@ -30,7 +30,7 @@ from torch import nn
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
 from train.models.masking import gather_tokens
-from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed, vit_forward_flops
+from train.models.vit import ViTEncoder, init_mae_weights, timm_sincos_pos_embed, vit_forward_flops
 from train.teachers.clip import FrozenTeacher, TeacherConfig
 
 ORDERS = ("random", "raster")
@@ -122,7 +122,7 @@ class FeaturePredictor(nn.Module):
         self.dim, self.depth = dim, depth
         self.embed = nn.Linear(encoder_dim, dim)
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
+        self.register_buffer("pos_embed", timm_sincos_pos_embed(grid, dim), persistent=False)
         self.blocks = nn.ModuleList([Block(dim, num_heads, 4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)

@@ -22,11 +22,23 @@ TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base"
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2D sin-cos position embeddings (1, [1 +] H*W, dim), the class-token slot all zeros."""
-    pos = build_sincos2d_pos_embed(list(grid), dim)
+    """Fixed 2D sin-cos position embeddings (1, [1 +] H*W, dim) in MAE's layout (util/pos_embed.py,
+    `get_2d_sincos_pos_embed`): channels [sin w, cos w, sin h, cos h] of the column (w) and row (h)
+    index, frequencies 1 / 10000^(k / (dim / 4)), computed in float64; the class-token slot all zeros."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                                indexing="ij")
+    out_w, out_h = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    pos = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1).float()
     if cls_token:
         pos = torch.cat([torch.zeros(1, dim), pos], dim=0)
     return pos.unsqueeze(0)
+
+
+def timm_sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """The table in timm's layout (`build_sincos2d_pos_embed`: [sin h, sin w, cos h, cos w]), a channel
+    permutation of MAE's: what this project's decoders used before they saved their table."""
+    return torch.cat([torch.zeros(1, dim), build_sincos2d_pos_embed(list(grid), dim)], dim=0).unsqueeze(0)
 
 
 def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
