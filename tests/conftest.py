@@ -21,8 +21,9 @@ TINY = [
 TINY_METHOD = {
     "mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
     "hpm": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
-    "mlo_mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "method.mask_net_dim=16",
-                "method.mask_net_depth=1", "method.mask_net_heads=2", "method.hyper_every=1",
+    "mlo_mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
+                "method.mask_net_hidden=16", "method.mask_net_dim=16", "method.mask_net_depth=1",
+                "method.mask_net_heads=2", "method.hyper_every=1",
                 "method.head_base_lr=0.5", "method.mask_base_lr=0.5"],
     "mapet": ["method.num_visible=4", "method.num_codes=16", "method.teacher.num_heads=2"],
     "digpt": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",

@@ -5,6 +5,8 @@ state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads. 
 (patch scaling, FlexiViT-style) resample the base weights on the fly and never change them.
 """
 
+from collections.abc import Callable
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -135,7 +137,7 @@ class ViTEncoder(nn.Module):
         pos = resample_abs_pos_embed(self.vit.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1)
         return pos[:, 1:]
 
-    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | Callable | None = None, pool: str | None = None,
                 attn_mask: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
                 extra_ids: torch.Tensor | None = None, patch_size: int | None = None) -> torch.Tensor:
         """Encode the kept patch tokens (all N when `ids_keep` is None).
@@ -146,10 +148,14 @@ class ViTEncoder(nn.Module):
         query tokens, are appended after the patch tokens, each given the position embedding of
         patch `extra_ids` (B, M); the output then has 1 + K + M tokens. `patch_size` (default: the
         model's) cuts the image into that many pixels per patch (see `embed`); `ids_keep` and
-        `extra_ids` index that grid. Call the module, not a helper method: ZeRO-3 gathers the class
-        token, position embeddings and patch projection in this module's forward hook.
+        `extra_ids` index that grid. A callable `ids_keep` is called on the embedded patch tokens
+        (B, N, D) and returns the ids: masks chosen from the encoder's own embeddings (MLO-MAE).
+        Call the module, not a helper method: ZeRO-3 gathers the class token, position embeddings
+        and patch projection in this module's forward hook.
         """
         tokens = self.embed(images, patch_size)
+        if callable(ids_keep):
+            ids_keep = ids_keep(tokens)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
