@@ -12,7 +12,7 @@ loader knows which reader produced each batch and checkpoints every reader's pos
 next reader in turn. Every rank's stream is infinite, so all ranks run the same number of steps.
 
 With a `device`, the loader also moves each batch there (the views' own `to_device` when they decode
-on the device, else `to_device` below), one batch ahead on a side CUDA stream so the copy and decode
+on the device, else `data_pipeline.batch.to_device`), one batch ahead on a side CUDA stream so the copy and decode
 overlap the training step; a batch's position is committed only when it is handed out.
 
 Corrupt, empty or undecodable images and truncated tars are skipped and counted, never fatal.
@@ -35,6 +35,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import tarfile_samples
 
 from data_pipeline.augment import decode_image
+from data_pipeline.batch import to_device
 
 log = logging.getLogger(__name__)
 MAX_EMPTY_SEGMENTS = 20  # consecutive segments without a readable sample before giving up
@@ -320,16 +321,3 @@ class EvalStream(IterableDataset):
                     batch = []
         if batch:
             yield collate(batch)
-
-
-def to_device(batch: dict, device: torch.device, mean, std) -> dict:
-    """Move a batch to `device`; uint8 images (..., 3, H, W) become float, scaled to [0, 1] and normalised there."""
-    mean = torch.tensor(mean, device=device).view(-1, 1, 1)
-    std = torch.tensor(std, device=device).view(-1, 1, 1)
-    out = {}
-    for key, value in batch.items():
-        value = value.to(device, non_blocking=True)
-        if value.dtype == torch.uint8 and value.ndim >= 4:
-            value = (value.float().div_(255) - mean) / std
-        out[key] = value
-    return out

@@ -1,12 +1,19 @@
+from functools import partial
+
+import numpy as np
 import pytest
 import timm
 import torch
+from timm.models.vision_transformer import Block, PatchEmbed
 
-from train.config import ModelConfig, load_config
-from train.methods import build_method
+from train.config import ModelConfig
+from train.methods import METHODS, build_method
 from train.methods.mae import mae_loss, patchify, unpatchify
-from train.models.masking import gather_tokens, random_masking, restore_tokens
-from train.models.vit import ViTEncoder
+from train.models.decoder import MAEDecoder
+from train.models.masking import gather_tokens, masking_from_scores, random_masking, restore_tokens
+from train.models.vit import ViTEncoder, sincos_pos_embed, timm_sincos_pos_embed
+from train.recipe import load_config
+from train.weights import load_encoder, load_mae_decoder, resolve_source
 
 TINY = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 
@@ -108,7 +115,6 @@ def test_full_size_encoders_match_timm_shapes(name, dims):
 
 def mae_get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
     """facebookresearch/mae util/pos_embed.py, verbatim in numpy (the reference)."""
-    import numpy as np
 
     def from_grid(embed_dim, grid):
         emb_h = from_1d(embed_dim // 2, grid[0])  # (H*W, D/2)
@@ -133,8 +139,6 @@ def mae_get_2d_sincos_pos_embed(embed_dim, grid_size, cls_token=False):
 
 
 def test_sincos_positions_are_maes_and_the_decoder_saves_them():
-    from train.models.decoder import MAEDecoder
-    from train.models.vit import sincos_pos_embed, timm_sincos_pos_embed
 
     for grid, dim in ((4, 32), (14, 512), (14, 768)):
         ref = torch.from_numpy(mae_get_2d_sincos_pos_embed(dim, grid, cls_token=True)).float().unsqueeze(0)
@@ -158,9 +162,7 @@ class OfficialMAE(torch.nn.Module):
     reference for loading an official checkpoint."""
 
     def __init__(self, img_size, patch_size, embed_dim, depth, num_heads, decoder_dim, decoder_depth, decoder_heads):
-        from functools import partial
 
-        from timm.models.vision_transformer import Block, PatchEmbed
 
         super().__init__()
         norm = partial(torch.nn.LayerNorm, eps=1e-6)
@@ -209,8 +211,6 @@ class OfficialMAE(torch.nn.Module):
 def test_an_official_mae_checkpoint_reconstructs_as_the_official_model(tmp_path):
     """`mae_visualize_vit_*.pth` layout ({'model': encoder + decoder}): our encoder and decoder loaded from it
     give the official model's reconstructions on the same images and masking noise."""
-    from train.eval.load import load_encoder, load_mae_decoder, resolve_source
-    from train.models.masking import masking_from_scores
 
     torch.manual_seed(0)
     official = OfficialMAE(32, 8, 64, 2, 1, 32, 2, 16).eval()
@@ -219,7 +219,7 @@ def test_an_official_mae_checkpoint_reconstructs_as_the_official_model(tmp_path)
     images, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
     with torch.no_grad():
         expected = official(images, noise)
-        encoder, decoder = load_encoder(resolve_source(path)).eval(), load_mae_decoder(path).eval()
+        encoder, decoder = load_encoder(resolve_source(path), METHODS).eval(), load_mae_decoder(path).eval()
         ids_keep, ids_restore, _ = masking_from_scores(noise, 4)
         ours = decoder(encoder(images, ids_keep), ids_restore)
     assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-5)
