@@ -12,7 +12,7 @@ from data_pipeline.augment import SingleView
 from data_pipeline.batch import to_device
 from data_pipeline.stream import StreamLoader, resolve_shards
 from train.checkpoint import tag_for
-from train.engine import train
+from train.engine import steps_per_epoch_for, train
 from train.methods import build_method
 from train.optim import lr_at, param_groups, set_lr
 
@@ -94,11 +94,12 @@ def plain_pytorch_losses(cfg, steps: int) -> list[float]:
     """The engine's step re-done with plain PyTorch: same init, batches, masking noise, lr schedule and hooks."""
     torch.manual_seed(cfg.run.seed)
     method = build_method(cfg)
-    method.set_total_steps(steps)
+    shards = resolve_shards(cfg.data.train)
+    method.set_total_steps(steps, steps_per_epoch_for(cfg, cfg.data.num_samples or shards.num_samples))
     peak = cfg.optim.base_lr * cfg.data.batch_size / 256
     opt = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
     torch.manual_seed(cfg.run.seed)
-    loader = StreamLoader(resolve_shards(cfg.data.train).urls, SingleView(cfg.model.img_size, cfg.data.crop_scale,
+    loader = StreamLoader(shards.urls, SingleView(cfg.model.img_size, cfg.data.crop_scale,
                           cfg.data.hflip), cfg.data.batch_size, seed=cfg.run.seed,
                           shuffle_buffer=cfg.data.shuffle_buffer)
     out = []

@@ -2,6 +2,7 @@ import json
 
 import pytest
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
 from data_pipeline.augment import SingleView
 from data_pipeline.batch import to_device
@@ -9,7 +10,8 @@ from data_pipeline.stream import StreamLoader, resolve_shards
 from helpers import fully_partitioned_zero3, losses, plain_pytorch_losses, read_metrics, resume_run
 from train import checkpoint
 from train.config import ConfigError
-from train.engine import deepspeed_config, train
+from train.distributed import init_distributed
+from train.engine import build_engine, deepspeed_config, train
 from train.methods import build_method
 from train.optim import lr_at, param_groups, set_lr
 
@@ -26,6 +28,35 @@ def test_zero_stages_match_plain_pytorch_and_learn(make_cfg, tmp_path, stage):
     reference = plain_pytorch_losses(cfg, steps)
     assert ours == pytest.approx(reference, rel=1e-4, abs=1e-5)
     assert sum(ours[-3:]) < sum(ours[:3]) * 0.9  # it learns
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_engines_accumulate_and_all_reduce_gradients_in_fp32(make_cfg, stage):
+    """The shipped ZeRO configs under bf16: what DeepSpeed's engine and optimizer actually use (stage 1 with
+    fp32 accumulation is DeepSpeed's BF16_Optimizer, which keeps fp32 gradient buffers)."""
+    init_distributed()
+    cfg = make_cfg("train.steps=1", "train.precision=bf16", f"train.deepspeed=ds_configs/zero{stage}.json")
+    engine, *_ = build_engine(cfg, build_method, world_size=1)
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+    assert engine.communication_data_type == torch.float32  # what the gradient all-reduce casts to
+    opt = engine.optimizer
+    if stage == 1:
+        assert isinstance(opt, BF16_Optimizer) and opt.grad_acc_dtype == torch.float32
+        assert all(buf.dtype == torch.float32 for buf in opt.fp32_groups_gradients_flat)
+    else:
+        assert (opt.gradient_accumulation_dtype, opt.communication_data_type) == (torch.float32, torch.float32)
+
+
+@pytest.mark.e2e
+def test_bf16_zero1_resume_continues_the_same_curve(make_cfg):
+    """ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer (fp32 gradients): its checkpoints resume exactly."""
+    common = ["train.steps=4", "run.ckpt_every=2", "train.precision=bf16"]
+    straight = make_cfg(*common, "run.keep_last=3", name="straight")
+    train(straight, build_method)
+    full = losses(straight.output_dir)
+    rows, _ = resume_run(make_cfg(*common, name="resumed"), straight.output_dir, 2)
+    assert [rows[s]["train/loss"] for s in sorted(rows)] == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
 
 
 @pytest.mark.e2e

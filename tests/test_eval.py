@@ -1,5 +1,6 @@
 """Evaluation and export: k-NN, linear probe and fine-tune methods, timm export from ZeRO checkpoints."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -13,7 +14,8 @@ from helpers import REPO, fully_partitioned_zero3, resume_run, run_env
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.eval.export import export
-from train.eval.metrics import NearestNeighbours, knn_predict, topk_accuracy
+from train.eval.knn import main as knn_main
+from train.eval.metrics import NearestNeighbours, knn_evaluate, knn_predict, topk_accuracy
 from train.methods import METHODS, build_method
 from train.models.vit import ViTEncoder
 from train.optim import param_groups
@@ -222,8 +224,6 @@ def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp
 
 @pytest.mark.e2e
 def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir, capsys):
-    from train.eval.knn import main as knn_main
-
     with pytest.raises(ConfigError, match=r"method.init: .* model.depth=2, this run has model.depth=3"):
         make_cfg("method.name=finetune", f"method.init={mae_run}", "model.depth=3", "train.steps=2")
     with pytest.raises(ConfigError, match=r"method.num_classes=5 but .*train.json lists 10 classes"):
@@ -255,3 +255,106 @@ def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(m
     rows = train_losses(resumed.output_dir)
     assert sorted(rows) == [3, 4] and sorted(full) == [1, 2, 3, 4]
     assert [rows[3], rows[4]] == pytest.approx([full[3], full[4]], rel=1e-6, abs=1e-7)
+
+
+# -- official releases as sources ---------------------------------------------------------------------------
+
+OFFICIAL_ARCH = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=1"]
+
+
+def official_encoder(seed: int) -> ViTEncoder:
+    torch.manual_seed(seed)
+    encoder = ViTEncoder(ModelConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1))
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms and biases not at their init: every tensor must be mapped
+    return encoder.eval()
+
+
+def official_files(tmp_path) -> dict[str, tuple]:
+    """Checkpoint files in the official releases' key layouts, each with the encoder it must give."""
+    teacher, student, base, momentum = (official_encoder(s) for s in range(4))
+
+    def timm_keys(encoder, prefix=""):
+        return {prefix + k: v.clone() for k, v in encoder.vit.state_dict().items()}
+
+    head = {"head.mlp.0.weight": torch.randn(32, 64), "head.last_layer.weight_g": torch.ones(8, 1)}
+    files = {
+        "mae": ({"model": {**timm_keys(teacher), "mask_token": torch.zeros(1, 1, 16),
+                           "decoder_embed.weight": torch.randn(16, 64), "decoder_embed.bias": torch.zeros(16)}},
+                teacher),
+        "dino_teacher": ({"teacher": {**timm_keys(teacher, "backbone."), **head},
+                          "student": {**timm_keys(student, "module.backbone."),
+                                      **{"module." + k: v for k, v in head.items()}}, "epoch": 100,
+                          "args": argparse.Namespace(arch="vit_tiny")}, teacher),
+        "dino_backbone": (timm_keys(teacher), teacher),
+        "moco_v3": ({"epoch": 300, "arch": "vit_base", "state_dict": {
+            **timm_keys(base, "module.base_encoder."), **timm_keys(momentum, "module.momentum_encoder."),
+            "module.base_encoder.head.0.weight": torch.randn(32, 64),
+            "module.momentum_encoder.head.0.weight": torch.randn(32, 64),
+            "module.predictor.0.weight": torch.randn(32, 32)}}, momentum),
+    }
+    out = {}
+    for name, (obj, encoder) in files.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        out[name] = (tmp_path / f"{name}.pth", encoder)
+    out["dino_student"] = (f"{out['dino_teacher'][0]}:student", student)
+    out["moco_v3_base"] = (f"{out['moco_v3'][0]}:base_encoder", base)
+    return out
+
+
+def test_official_checkpoints_are_sources_with_their_encoders(tmp_path, make_cfg):
+    """MAE, DINO (teacher, student, backbone-only) and MoCo v3 (momentum, base) layouts: the encoder loaded
+    from each gives the features of the encoder written into it; method.init and export take them too."""
+    images = torch.randn(4, 3, 32, 32)
+    for name, (path, expected) in official_files(tmp_path).items():
+        source = resolve_source(path)
+        assert source.kind == "official" and source.model_config().embed_dim == 64, name
+        with torch.no_grad():
+            ours = load_encoder(source, METHODS).eval()(images, pool="token")
+            assert torch.equal(ours, expected(images, pool="token")), name
+    path, expected = official_files(tmp_path)["moco_v3"]
+    probe = build_method(make_cfg("method.name=linear_probe", f"method.init={path}", "train.steps=1", *OFFICIAL_ARCH))
+    with torch.no_grad():
+        assert torch.equal(probe.encoder(images, pool="token"), expected(images, pool="token"))
+    out = export(path, tmp_path / "exported")
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected(images, pool="token"), atol=1e-6)
+
+
+def test_official_checkpoint_errors_name_the_file_and_the_keys(tmp_path):
+    files = official_files(tmp_path)
+    path = files["dino_teacher"][0]
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:momentum_encoder: a dino checkpoint has the parts")):
+        resolve_source(f"{path}:momentum_encoder")
+    obj = torch.load(files["mae"][0], weights_only=False)
+    del obj["model"]["norm.weight"]
+    obj["model"]["pre_logits.weight"] = torch.ones(64)
+    torch.save(obj, tmp_path / "broken.pth")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'broken.pth'}: weights do not fit the model "
+                                                    "(another architecture?): missing ['norm.weight'], unexpected "
+                                                    "['pre_logits.weight']")):
+        load_encoder(resolve_source(tmp_path / "broken.pth"), METHODS)
+    obj = torch.load(files["moco_v3"][0], weights_only=False)
+    obj["state_dict"]["module.queue"] = torch.zeros(3)
+    torch.save(obj, tmp_path / "queue.pth")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'queue.pth'}: a moco_v3 checkpoint with "
+                                                    "unexpected keys ['module.queue']")):
+        resolve_source(tmp_path / "queue.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="not an official MAE .* it holds \\['weights'\\]"):
+        resolve_source(tmp_path / "other.pth")
+
+
+def test_knn_on_an_official_checkpoint_is_the_knn_of_its_encoder(tmp_path, digits_dir):
+    """The k-NN command on a MoCo v3 file: the same protocol and result as on the encoder it holds."""
+    path, expected = official_files(tmp_path)["moco_v3"]
+    train_urls, val_urls = str(digits_dir / "train.json"), str(digits_dir / "val.json")
+    assert knn_main([str(path), "--train", train_urls, "--val", val_urls, "--k", "10", "--workers", "0",
+                     "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "eval" / "knn_moco_v3.json").read_text())
+    direct = knn_evaluate(expected, train_urls, val_urls, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                          torch.device("cpu"), ks=(10,), num_classes=10)
+    assert result["k10"]["top1"] == pytest.approx(direct["k10"]["top1"]) and result["method"] == "moco_v3 (official)"
+    assert result["k10"]["top1"] > 15  # a random 2-block ViT on the digits is well above chance (10%)

@@ -116,8 +116,7 @@ def test_the_rest_of_the_mask_is_random():
 
 
 def test_schedules_follow_the_config():
-    cfg = load_config(None, TINY_HPM + ["train.steps=100", "method.hard_share=[0.1,0.5]",
-                                       "method.ema_momentum=[0.99,0.999]", "method.ema_ramp=0.2"])
+    cfg = load_config(None, TINY_HPM + ["train.steps=100", "method.hard_share=[0.1,0.5]"])
     method = build_method(cfg)
     # share (official: (epoch + 1) / epochs x end): start + (end - start) (step + 1) / total
     assert method.hard_share(0) == pytest.approx(0.1 + 0.4 / 100)
@@ -125,10 +124,28 @@ def test_schedules_follow_the_config():
     assert method.hard_share(99) == pytest.approx(0.5)
     method.set_total_steps(200)  # the engine's run length (epoch-based runs) replaces train.steps
     assert method.hard_share(99) == pytest.approx(0.3) and method.hard_share(199) == pytest.approx(0.5)
-    assert ema_momentum_at(0, 100, 0.99, 0.999, 0.2) == pytest.approx(0.99)
-    assert ema_momentum_at(10, 100, 0.99, 0.999, 0.2) == pytest.approx(0.9945)
-    assert ema_momentum_at(20, 100, 0.99, 0.999, 0.2) == ema_momentum_at(90, 100, 0.99, 0.999, 0.2) == 0.999
     assert hard_share_at(5, 10, 0.0, 0.5) == pytest.approx(0.3)
+
+
+def official_momentum(epoch: int) -> float:
+    """engine_pretrain.py: the teacher's decay for every update of `epoch`."""
+    return 0.999 + epoch / 100 * (0.9999 - 0.999) if epoch < 100 else 0.9999
+
+
+@pytest.mark.parametrize("batch", [256, 4096, 128])
+def test_teacher_momentum_keeps_the_official_horizon_in_epochs(batch):
+    """At the scripts' 5004 steps per epoch the momenta are the official ones, step by step; at another batch
+    the teacher after one epoch of updates weighs the student's past exactly as the official one does."""
+    spe = 1281167 // batch
+    for epoch in (0, 1, 37, 99, 100, 500):
+        step = epoch * spe + spe // 2
+        momentum = ema_momentum_at(step, spe, 0.999, 0.9999, 100, 5004)
+        if batch == 256:
+            assert momentum == pytest.approx(official_momentum(epoch), rel=1e-12)
+        # the weight left on the teacher of the epoch's start after the epoch's updates
+        assert momentum ** spe == pytest.approx(official_momentum(epoch) ** 5004, rel=1e-9)
+    assert ema_momentum_at(10, 5, 0.5, 0.7, 0, 0) == 0.7  # no ramp; per step as given
+    assert ema_momentum_at(4, 5, 0.5, 0.7, 4, 0) == 0.5 and ema_momentum_at(5, 5, 0.5, 0.7, 4, 0) == 0.55
 
 
 def tiny_method(*overrides):
@@ -144,7 +161,7 @@ def test_forward_is_reconstruction_plus_weighted_relative_loss():
     loss, report = method({"images": images}, step=3)
     torch.manual_seed(1)
     real, predicted, difficulty, mask, hard, pred = method._run(images, 0.5)
-    recon = mae_loss(pred, patchify(images, 4), mask, norm_pix_loss=True)
+    recon = mae_loss(pred, patchify(images, 4), mask, norm_pix_loss=False)  # HPM's default: raw pixels
     rank = relative_loss(predicted, real.detach(), mask)
     assert report["recon_loss"] == pytest.approx(recon.item(), rel=1e-6)
     assert report["predictor_loss"] == pytest.approx(rank.item(), rel=1e-6)
@@ -159,10 +176,14 @@ def test_predictor_gradient_stays_out_of_the_reconstruction_target():
     images = torch.randn(4, 3, 16, 16)
     real, predicted, _, mask, _, _ = method._run(images, 0.5)
     relative_loss(predicted, real.detach(), mask).backward()
-    # nothing of the pixel decoder (which makes the target losses) gets a gradient from the predictor's loss ...
-    assert all(p.grad is None for p in method.decoder.parameters())
-    # ... while the predictor branch and, through it, the shared encoder learn from it (as the official code)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.loss_predictor.blocks.parameters())
+    # nothing of the pixel decoder's own blocks and output (which make the target losses) gets a gradient from
+    # the predictor's loss ...
+    for part in (method.decoder.blocks, method.decoder.norm, method.decoder.pred):
+        assert all(p.grad is None for p in part.parameters())
+    # ... while the predictor branch and, through it, the input it shares with the pixel decoder (decoder_embed,
+    # mask_token) and the encoder learn from it (as the official code)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.loss_predictor.parameters())
+    assert method.decoder.embed.weight.grad.abs().sum() > 0 and method.decoder.mask_token.grad.abs().sum() > 0
     assert method.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     # and the teacher that made the mask is no part of the graph
     assert all(p.grad is None for p in method.teacher.module.parameters())
@@ -176,7 +197,8 @@ def test_hpm_configs_have_the_paper_defaults():
     for name, dim in (("hpm_vit_b", 768), ("hpm_vit_l", 1024)):
         cfg = load_config(REPO / f"train/configs/{name}.yaml", world_size=8)
         assert cfg.model.embed_dim == dim and cfg.method.ema_momentum == (0.999, 0.9999)
-        assert cfg.method.ema_ramp == 100 / 800 and cfg.train.epochs == 800
+        assert (cfg.method.ema_ramp_epochs, cfg.method.ema_steps_per_epoch) == (100, 5004)
+        assert cfg.train.epochs == 800 and not cfg.method.norm_pix_loss  # the released scripts: raw pixels
         assert (cfg.method.decoder_dim, cfg.method.decoder_depth) == (512, 8)
 
 
@@ -199,7 +221,8 @@ def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg,
 
     steps = 6
     cfg = make_cfg("method.name=hpm", f"train.steps={steps}", f"train.deepspeed={fully_partitioned_zero3(tmp_path)}",
-                   "method.hard_share=[0.5,1.0]", "method.ema_momentum=[0.5,0.5]", name="z3")
+                   "method.hard_share=[0.5,1.0]", "method.ema_momentum=[0.5,0.5]", "method.ema_steps_per_epoch=0",
+                   name="z3")
     result = train(cfg, build_method)
     ours = losses(cfg.output_dir)
     assert ours == pytest.approx(plain_pytorch_losses(cfg, steps), rel=1e-4, abs=1e-5)
@@ -220,7 +243,7 @@ def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg,
 def test_resume_retraces_the_same_curve(make_cfg):
     """The teacher (extra state), the schedule position and the masking noise all come back."""
     common = ["method.name=hpm", "train.steps=6", "run.ckpt_every=3", "method.hard_share=[0.5,1.0]",
-              "method.ema_momentum=[0.5,0.5]"]
+              "method.ema_momentum=[0.5,0.5]", "method.ema_steps_per_epoch=0"]
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
     train(straight, build_method)
     resumed = make_cfg(*common, name="resumed")

@@ -1,5 +1,12 @@
 """Light decoders: MAE's (kept tokens + mask tokens in place, fixed sin-cos positions, timm blocks) and a feature
-predictor (encoder tokens + one positional query per target under an attention mask; D-iGPT)."""
+predictor (encoder tokens + one positional query per target under an attention mask; D-iGPT).
+
+MAE's decoder as facebookresearch/mae `models_mae.py`: LayerNorm eps 1e-6, the position table in MAE's channel
+layout and saved with the weights (`pos_embed`, a buffer: MAE's `decoder_pos_embed` with requires_grad False),
+so an official decoder's weights load and reconstruct as there (train/weights.py maps the names).
+"""
+
+from functools import partial
 
 import torch
 from timm.layers import resample_abs_pos_embed
@@ -7,7 +14,13 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from train.models.masking import gather_tokens, restore_tokens
-from train.models.vit import init_mae_weights, sincos_pos_embed, vit_forward_flops
+from train.models.vit import init_mae_weights, sincos_pos_embed, timm_sincos_pos_embed, vit_forward_flops
+
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def decoder_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0) -> nn.Sequential:
+    return nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm) for _ in range(depth)])
 
 
 class MAEDecoder(nn.Module):
@@ -19,15 +32,22 @@ class MAEDecoder(nn.Module):
         self.num_patches = grid_size[0] * grid_size[1]
         self.embed = nn.Linear(encoder_dim, dim)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, dim), persistent=False)
-        self.blocks = nn.Sequential(*[Block(dim, num_heads, mlp_ratio, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
+        self.register_buffer("pos_embed", sincos_pos_embed(grid_size, dim))
+        self.blocks = decoder_blocks(dim, depth, num_heads, mlp_ratio)
+        self.norm = LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
         init_mae_weights(self)
         nn.init.normal_(self.mask_token, std=0.02)
+        self.register_load_state_dict_pre_hook(self._positions_of_old_checkpoints)
 
-    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None) -> torch.Tensor:
-        """latent (B, 1 + K, De) from the encoder -> predictions for all N patches (B, N, out_dim).
+    def _positions_of_old_checkpoints(self, module, state_dict, prefix, *args) -> None:
+        """Checkpoints written before the table was saved lack `pos_embed`: they were trained with
+        timm's channel layout, which is put back for them."""
+        if prefix + "pos_embed" not in state_dict:
+            state_dict[prefix + "pos_embed"] = timm_sincos_pos_embed(self.grid_size, self.dim).to(self.pos_embed)
+
+    def tokens(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None) -> torch.Tensor:
+        """The decoder's input (B, 1 + N, D): embedded kept tokens and mask tokens in place, plus positions.
 
         `grid_size`: the patch grid when it is not the decoder's own (patch scaling); the position
         embeddings are resampled to it.
@@ -37,9 +57,18 @@ class MAEDecoder(nn.Module):
         pos = self.pos_embed
         if grid_size is not None and tuple(grid_size) != self.grid_size:
             pos = resample_abs_pos_embed(pos, list(grid_size), list(self.grid_size), num_prefix_tokens=1)
-        x = torch.cat([x[:, :1], patches], dim=1) + pos.to(x.dtype)
-        x = self.norm(self.blocks(x))
-        return self.pred(x[:, 1:])
+        return torch.cat([x[:, :1], patches], dim=1) + pos.to(x.dtype)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Blocks, norm and prediction on the decoder's input tokens -> (B, N, out_dim), class token dropped."""
+        return self.pred(self.norm(self.blocks(x))[:, 1:])
+
+    def forward(self, latent: torch.Tensor, ids_restore: torch.Tensor, grid_size=None, with_tokens: bool = False):
+        """latent (B, 1 + K, De) from the encoder -> predictions for all N patches (B, N, out_dim), and with
+        `with_tokens` also the decoder's input tokens (HPM's loss predictor shares them). Call the module,
+        not `tokens`: ZeRO-3 gathers `mask_token` in this module's forward hook."""
+        x = self.tokens(latent, ids_restore, grid_size)
+        return (self.predict(x), x) if with_tokens else self.predict(x)
 
     def no_weight_decay(self) -> set[str]:
         return {"mask_token"}
@@ -57,7 +86,7 @@ class FeaturePredictor(nn.Module):
         self.dim, self.depth = dim, depth
         self.embed = nn.Linear(encoder_dim, dim)
         self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
+        self.register_buffer("pos_embed", timm_sincos_pos_embed(grid, dim), persistent=False)
         self.blocks = nn.ModuleList([Block(dim, num_heads, 4.0, qkv_bias=True) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.pred = nn.Linear(dim, out_dim)
