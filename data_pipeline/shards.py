@@ -372,7 +372,7 @@ class _HashingReader(io.RawIOBase):
         return self.digest.hexdigest()
 
 
-def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
+def _check_sample(files: dict[str, bytes], decode: bool, labels: bool = True) -> str | None:
     """What is wrong with one sample's files, or None."""
     from data_pipeline.augment import IMAGE_KEYS, to_rgb
 
@@ -381,7 +381,7 @@ def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
         return f"no image (files: {sorted(files)})"
     if not files[ext]:
         return f"empty {ext} file"
-    if not files.get("cls", b"").strip().isdigit():
+    if labels and not files.get("cls", b"").strip().isdigit():
         return f"no class index (cls: {files.get('cls')!r})"
     if decode:
         try:
@@ -393,7 +393,9 @@ def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
 
 def verify_shard(task: dict) -> dict:
     """Read one shard to its end: sha256, tar structure, every sample decodable; problems named by key."""
-    url, expected, decode = task["url"], task.get("count"), task["decode"]
+    from data_pipeline.stream import key_and_extension
+
+    url, expected, decode, labels = task["url"], task.get("count"), task["decode"], task.get("labels", True)
     problems, count = [], 0
 
     def report(key, files, reason):
@@ -414,11 +416,11 @@ def verify_shard(task: dict) -> dict:
             for member in tar:
                 if not member.isfile():
                     continue
-                name = os.path.basename(member.name)
-                prefix, _, ext = name.partition(".")
-                prefix = os.path.join(os.path.dirname(member.name), prefix)
+                prefix, ext = key_and_extension(member.name)  # the training stream's key rule
+                if prefix is None:
+                    continue
                 if prefix != key and key is not None:
-                    reason = _check_sample(files, decode)
+                    reason = _check_sample(files, decode, labels)
                     count += 1
                     if reason:
                         report(key, files, reason)
@@ -430,7 +432,7 @@ def verify_shard(task: dict) -> dict:
         files = {}
     if files:
         count += 1
-        reason = _check_sample(files, decode)
+        reason = _check_sample(files, decode, labels)
         if reason:
             report(key, files, reason)
     if expected is not None and count != expected:
@@ -440,8 +442,11 @@ def verify_shard(task: dict) -> dict:
     return {"url": url, "count": count, "problems": problems}
 
 
-def verify(spec: str, workers: int = 8, decode: bool = True) -> tuple[int, list[str]]:
-    """Verify a manifest's shards (or a shard pattern's) in parallel: (samples read, problems)."""
+def verify(spec: str, workers: int = 8, decode: bool = True, labels: bool = True) -> tuple[int, list[str]]:
+    """Verify a manifest's shards (or a shard pattern's) in parallel: (samples read, problems).
+
+    `labels=False` accepts samples without a class index (`cls`), as pretraining does.
+    """
     from data_pipeline.stream import resolve_shards
 
     tasks = []
@@ -450,10 +455,10 @@ def verify(spec: str, workers: int = 8, decode: bool = True) -> tuple[int, list[
         if manifest is None:
             raise FileNotFoundError(f"manifest not found: {spec}")
         urls = resolve_shards(spec, key="verify").urls
-        tasks = [{"url": u, "count": s["count"], "sha256": s.get("sha256"), "decode": decode}
+        tasks = [{"url": u, "count": s["count"], "sha256": s.get("sha256"), "decode": decode, "labels": labels}
                  for u, s in zip(urls, manifest["shards"])]
     else:
-        tasks = [{"url": u, "decode": decode} for u in resolve_shards(spec, key="verify").urls]
+        tasks = [{"url": u, "decode": decode, "labels": labels} for u in resolve_shards(spec, key="verify").urls]
     total, problems = 0, []
     with Pool(max(1, min(workers, len(tasks)))) as pool:
         for result in pool.imap(verify_shard, tasks):
@@ -490,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     p_verify.add_argument("manifest")
     p_verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p_verify.add_argument("--no-decode", action="store_true", help="check the tar structure only")
+    p_verify.add_argument("--no-labels", action="store_true",
+                          help="accept samples without a class index (.cls), e.g. img2dataset shards for pretraining")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -498,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: {json.loads(path.read_text())['num_samples']} samples, manifest {path}")
         return 0
     if args.command == "verify":
-        total, problems = verify(args.manifest, args.workers, not args.no_decode)
+        total, problems = verify(args.manifest, args.workers, not args.no_decode, not args.no_labels)
         for problem in problems:
             print(problem)
         print(f"{args.manifest}: {total} samples read, {len(problems)} problems")

@@ -273,6 +273,35 @@ def _merge(tree: dict, delta: dict) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(file: Path) -> dict:
+    """One YAML delta: a non-empty mapping of sections without duplicate keys, else a one-line ConfigError."""
+    try:
+        delta = yaml.load(file.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        where = getattr(err, "problem_mark", None)
+        line = f" line {where.line + 1}" if where else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{file}:{line} not valid YAML ({problem})") from None
+    if delta is None:
+        raise ConfigError(f"{file}: the file is empty; give at least one section of settings or drop this --config")
+    if not isinstance(delta, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of sections, got {type(delta).__name__}")
+    return delta
+
+
 def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
     """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
     tree: dict = {}
@@ -280,13 +309,7 @@ def load_config(path: str | Path | list | None = None, overrides: list[str] = ()
     for file in map(Path, paths):
         if not file.is_file():
             raise ConfigError(f"config file not found: {file}")
-        try:
-            delta = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(delta, dict):
-            raise ConfigError(f"{file}: top level must be a mapping of sections")
-        _merge(tree, delta)
+        _merge(tree, read_yaml(file))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     cfg = from_dict(Config, tree)
@@ -303,6 +326,11 @@ def resolve_path(path: str) -> Path:
 def validate(cfg: Config, world_size: int = 1) -> None:
     """Reject impossible combinations with one line each."""
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
+    if m.mlp_ratio <= 0 or not 0 <= m.drop_path < 1:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} must be > 0 and model.drop_path={m.drop_path} in [0, 1)")
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
     if m.embed_dim % m.num_heads:
@@ -344,12 +372,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         backends = list_backends(exclude_tags=())
         if t.compile not in backends:
             raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
-    if not resolve_path(t.deepspeed).is_file():
-        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
-    try:
-        zero = json.loads(resolve_path(t.deepspeed).read_text()).get("zero_optimization", {})
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    zero = check_deepspeed_json(cfg, world_size).get("zero_optimization", {})
     if t.compile and zero.get("stage", 0) == 3:
         raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
                           "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
@@ -366,18 +389,71 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "trust ratio")
     if o.optimizer != "adamw" and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme"):
         raise ConfigError(f"optim.optimizer={o.optimizer}: optimizer offload runs DeepSpeed's CPU Adam; use adamw")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.clip_grad < 0 or o.warmup_steps < 0 or o.warmup_epochs < 0 or t.epochs < 0 or t.steps < 0:
+        raise ConfigError("optim.clip_grad, optim.warmup_steps, optim.warmup_epochs, train.epochs and train.steps "
+                          "must be >= 0")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
+    check_data(cfg)
     check = getattr(cfg.method, "validate", None)
     if check is not None:
         check(cfg)
     from train.compression import validate_compression
 
     validate_compression(cfg)
+
+
+def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
+    """The `train.deepspeed` JSON, checked as DeepSpeed will check it (its own validation), in one line."""
+    path = resolve_path(cfg.train.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {cfg.train.deepspeed}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"train.deepspeed: {path}: remove '{key}'; the optimizer and lr schedule come from "
+                              "optim.*")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    micro = cfg.data.batch_size
+    total = cfg.train.global_batch_size or micro * world_size
+    batch = {"train_batch_size": total, "train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": max(1, total // (micro * world_size))}
+    try:
+        DeepSpeedConfig({**ds, **batch})
+    except Exception as err:  # pydantic's ValidationError (several lines) or DeepSpeed's own assertions
+        errors = err.errors() if hasattr(err, "errors") else None
+        if errors:
+            first = errors[0]
+            what = f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
+        else:
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"train.deepspeed: {path}: DeepSpeed rejects it: {what}") from None
+    return ds
+
+
+def check_data(cfg: Config) -> None:
+    """`data.train` and `data.val` exist and can be read: the manifest, every local shard, brace / glob patterns."""
+    from data_pipeline.stream import resolve_shards
+
+    for key in ("train", "val"):
+        spec = getattr(cfg.data, key)
+        if spec:
+            try:
+                resolve_shards(spec, f"data.{key}")
+            except (OSError, ValueError) as err:
+                raise ConfigError(str(err)) from None
 
 
 def save_config(cfg: Config, path: Path) -> None:

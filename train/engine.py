@@ -50,6 +50,20 @@ def architecture(cfg: Config) -> dict:
     return {k: getattr(cfg.model, k) for k in ARCHITECTURE_KEYS}
 
 
+def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None:
+    """Refuse, in one line and before any model is built, a checkpoint this run cannot continue."""
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    ours = {"model": architecture(cfg), "method": cfg.method.name}
+    if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
+        raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by method {meta.get('method')} with "
+                          f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
+    ranks = len(list((ckpt_dir / tag).glob("rank_*.pt")))
+    if ranks and ranks != world_size:
+        raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by {ranks} ranks and this run has {world_size}; "
+                          f"resume it with {ranks} ranks (the ZeRO optimizer state and the data positions are "
+                          "split per rank), or set run.resume='' with a new run.output_dir to start afresh")
+
+
 def use_bf16(cfg: Config) -> bool:
     if cfg.train.precision == "auto":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -185,20 +199,18 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
     num_samples = cfg.data.num_samples or shards.num_samples
     total_steps, warmup_steps = total_steps_for(cfg, num_samples)
 
+    resume = checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
+    if resume:
+        check_resume(cfg, *resume, world.world_size)
     engine, optimizer, ds_config, peak_lr = build_engine(cfg, world.world_size)
     method = engine.module
     global_batch = ds_config["train_batch_size"]
     accum = ds_config["gradient_accumulation_steps"]
 
-    step, resume = 0, checkpoint.resolve_resume(cfg.run.resume, ckpt_dir)
+    step = 0
     data_state, aux_state = None, {}
     if resume:
         resume_dir, tag = resume
-        meta = checkpoint.read_meta(resume_dir, tag)
-        ours = {"model": architecture(cfg), "method": cfg.method.name}
-        if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
-            raise ConfigError(f"run.resume: {resume_dir / tag} was written by method {meta.get('method')} with "
-                              f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
         client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank)
         step = client_state["step"]
         if rank_state is not None:

@@ -11,6 +11,7 @@ import sys
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from data_pipeline.stream import DataError
 from train.config import ConfigError, load_config
 from train.distributed import world_info_from_env
 from train.engine import train
@@ -63,7 +64,14 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    result = train(cfg)
+    try:
+        result = train(cfg)
+    except ConfigError as err:  # found once checkpoints or data are opened (e.g. resume into another model)
+        print(f"config error: {err}", file=sys.stderr)
+        return 2
+    except (DataError, FloatingPointError) as err:  # bad data, non-finite loss, steps skipped in a row
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result.stopped_early:
         return 0
     if cfg.eval.at_end and cfg.data.val:
