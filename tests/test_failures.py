@@ -14,11 +14,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from conftest import REPO, tiny_overrides
 from data_pipeline.augment import SingleView
 from data_pipeline.stream import DataError, EvalStream, StreamLoader
+from train.engine import train
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
@@ -207,3 +209,60 @@ def test_a_bad_setup_stops_the_real_process_with_exit_2_and_one_line(tmp_path, d
     proc = subprocess.run([sys.executable, "-m", "train.pretrain", *tiny_overrides(), "train.steps=2", *argv],
                           env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in error_line(proc.stderr)
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity with an infinite gradient: a finite loss whose step DeepSpeed skips as an overflow."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+def test_steps_deepspeed_skips_are_failures_not_progress(make_cfg, monkeypatch):
+    from train.methods.mae import MAE
+
+    original = MAE.forward
+    poison_from = {"step": 2}
+
+    def overflowing(self, batch, step=0):
+        loss, report = original(self, batch, step)
+        return (InfiniteGradient.apply(loss) if step >= poison_from["step"] else loss), report
+
+    monkeypatch.setattr(MAE, "forward", overflowing)
+    cfg = make_cfg("train.steps=12", "run.ckpt_every=2", "train.max_skipped_steps=3", name="skips")
+    with pytest.raises(FloatingPointError) as err:
+        train(cfg)
+    # steps 3.. are skipped; the 4th in a row (step 6) stops; step 4's checkpoint was written while skipping
+    assert "DeepSpeed skipped 4 optimizer steps in a row up to step 6" in str(err.value)
+    assert f"the last good checkpoint is step_00000002 in {cfg.output_dir / 'checkpoints'}" in str(err.value)
+    assert "\n" not in str(err.value)
+    # a short run that never applied a step does not end as a success
+    poison_from["step"] = 0
+    with pytest.raises(FloatingPointError, match=r"skipped every optimizer step of this run \(to step 2\)"):
+        train(make_cfg("train.steps=2", name="all_skipped"))
+
+
+def test_resumed_runs_record_every_step_once(make_cfg):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from train.checkpoint import tag_for
+
+    cfg = make_cfg("train.steps=6", "run.ckpt_every=3", "run.image_every=3", "run.keep_last=0", name="records")
+    train(cfg)
+    ckpts = cfg.output_dir / "checkpoints"
+    for _ in range(2):  # killed after step 6 was logged but before its checkpoint counted, twice
+        shutil.rmtree(ckpts / tag_for(6))
+        (ckpts / "latest").write_text(tag_for(3))
+        train(cfg)
+    rows = [json.loads(line)["step"] for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
+    assert rows == [1, 2, 3, 4, 5, 6]
+    events = EventAccumulator(str(cfg.output_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    for tag in events.Tags()["images"]:
+        assert [e.step for e in events.Images(tag)] == [3, 6], tag

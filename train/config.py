@@ -99,6 +99,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
     compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
+    max_skipped_steps: int = 20  # optimizer steps in a row DeepSpeed may skip (overflow, non-finite grad norm)
 
 
 @dataclass
@@ -364,6 +365,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.global_batch_size and t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
     if t.compile:

@@ -152,6 +152,42 @@ def build_engine(cfg: Config, world_size: int):
     return engine, optimizer, ds_config, peak_lr
 
 
+class SkippedSteps:
+    """Optimizer steps that left the weights unchanged count as failures, never as progress.
+
+    DeepSpeed's ZeRO optimizers skip a step whose gradients overflow (inf/nan norm) and carry on with
+    a finite loss, so a run could skip every step and still end "successfully". More than `limit` such
+    steps in a row, or a run in which no step was applied, stop with one line naming the step and
+    the last checkpoint written before the skipping began.
+    """
+
+    def __init__(self, limit: int, ckpt_dir: Path, good_tag: str | None):
+        self.limit, self.ckpt_dir, self.good_tag = limit, ckpt_dir, good_tag
+        self.in_row, self.applied, self.seen = 0, 0, 0
+
+    def after_step(self, engine, step: int) -> None:
+        norm = engine.get_global_grad_norm()  # a Python float when DeepSpeed found an overflow, else a tensor
+        skipped = not engine.was_step_applied() or (isinstance(norm, float) and not math.isfinite(norm))
+        self.seen += 1
+        self.in_row = self.in_row + 1 if skipped else 0
+        self.applied += not skipped
+        if self.in_row > self.limit:
+            raise FloatingPointError(self.message(f"{self.in_row} optimizer steps in a row up to step {step}"))
+
+    def saved(self, tag: str) -> None:
+        if self.in_row == 0:
+            self.good_tag = tag
+
+    def finish(self, step: int) -> None:
+        if self.seen and not self.applied:
+            raise FloatingPointError(self.message(f"every optimizer step of this run (to step {step})"))
+
+    def message(self, which: str) -> str:
+        return (f"DeepSpeed skipped {which}: the gradients overflowed or their norm is not finite; the last good "
+                f"checkpoint is {self.good_tag} in {self.ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, "
+                "or check the data (train.max_skipped_steps sets how many in a row are tolerated)")
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); agreed on by all ranks every step."""
 
@@ -245,13 +281,15 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
                  global_batch, cfg.data.batch_size, world.world_size, accum,
                  "bf16" if use_bf16(cfg) else "fp32", Path(cfg.train.deepspeed).name)
         log.info("lr = base_lr %.3g x global batch %d / 256 = %.3g", cfg.optim.base_lr, global_batch, peak_lr)
-    monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
+    monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std,
+                      resume_step=step if resume else None)
     # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
     compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
     diagnostic = GradientDiagnostic(cfg, device, use_bf16(cfg)) if cfg.compression.diagnose_every else None
     if hasattr(module, "set_total_steps"):  # methods with schedules over training progress (steps or epochs)
         module.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     stop = StopFlag()
+    skips = SkippedSteps(cfg.train.max_skipped_steps, ckpt_dir, resume[1] if resume else None)
     peak_flops = gpu_peak_flops()
     flops_per_image = getattr(module, "flops_per_image", lambda: None)()
     tokens_per_image = getattr(module, "tokens_per_image", lambda: None)()
@@ -280,6 +318,7 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
                 engine.step()
                 add_report(sums, counts, report)
             step += 1
+            skips.after_step(engine, step)
             steps_since += 1
             if hasattr(module, "on_step_end"):
                 module.on_step_end(step)
@@ -342,14 +381,16 @@ def train(cfg: Config, evaluate: Callable[[torch.nn.Module, int], dict[str, floa
                 rank_state = {"rng": checkpoint.rng_state(), "data": loader.state_dict(),
                               "aux_data": {name: aux.state_dict() for name, aux in aux_loaders.items()}}
                 last_tag = checkpoint.save(engine, ckpt_dir, step, meta, rank_state, world.rank, cfg.run.keep_last)
+                skips.saved(last_tag)
                 if evaluate is not None and not stopped:
                     monitor.scalars(step, evaluate(module, step), console=False)
                     t_log = time.perf_counter()  # evaluation time is not training throughput
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
                 break
-        if batch is not None and hasattr(module, "visualize"):
-            monitor.images(step, module.visualize(batch))
+        skips.finish(step)
+        if batch is not None and hasattr(module, "visualize") and monitor.last_image_step != step:
+            monitor.images(step, module.visualize(batch))  # the final panel, unless the loop just wrote it
     finally:
         stop.restore()
         monitor.close()
