@@ -135,6 +135,20 @@ def resolve_shards(spec: str, key: str = "data.train") -> ShardSet:
     return shards
 
 
+def unlabelled(spec: str, key: str = "data.val") -> str | None:
+    """Why `spec` cannot be used where class labels are needed (its first sample has no `cls`), or None.
+
+    Reads one sample of the first shard only, so commands check before encoding anything.
+    """
+    first = next(iter(tar_samples(resolve_shards(spec, key).urls[:1], SkipCounter())), None)
+    if first is None:
+        return f"{key}: no readable sample in the first shard of {spec}"
+    if "cls" not in first:
+        files = sorted(k for k in first if not k.startswith("__"))
+        return f"{key}: {spec} has no class labels (its samples have no .cls file, only {files})"
+    return None
+
+
 def mix_seed(*parts: int) -> int:
     """A well-mixed 32-bit seed from integers (stable across processes, unlike hash of strings)."""
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])

@@ -266,3 +266,29 @@ def test_resumed_runs_record_every_step_once(make_cfg):
     assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     for tag in events.Tags()["images"]:
         assert [e.step for e in events.Images(tag)] == [3, 6], tag
+
+
+def test_shards_without_labels_train_and_label_needing_steps_say_so_first(tmp_path, caplog, capsys):
+    """img2dataset's layout (jpg + json + txt, no cls): pretraining needs no labels, k-NN does."""
+    from data_pipeline.shards import main as shards_main
+    from train.eval.knn import main as knn_main
+    from train.pretrain import main
+
+    for shard in range(2):
+        write_tar(tmp_path / f"web-{shard:06d}.tar", {
+            f"{shard}{i:08d}.{ext}": data for i in range(24)
+            for ext, data in (("jpg", jpeg(i)), ("json", b'{"caption": "x"}'), ("txt", b"x"))})
+    shards = str(tmp_path / "web-{000000..000001}.tar")
+    assert shards_main(["verify", shards, "--workers", "1"]) == 1  # labels are checked by default
+    assert shards_main(["verify", shards, "--workers", "1", "--no-labels"]) == 0
+    assert "48 samples read, 0 problems" in capsys.readouterr().out
+    run = tmp_path / "run"
+    with caplog.at_level("INFO", logger="train"):
+        assert main([*tiny_overrides(), "train.steps=2", f"data.train={shards}", f"data.val={shards}",
+                     "eval.at_end=true", f"run.output_dir={run}"]) == 0
+    assert f"end-of-run evaluation skipped: data.train: {shards} has no class labels" in caplog.text
+    assert not (run / "eval.json").exists()
+    capsys.readouterr()
+    assert knn_main([str(run), "--workers", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --train: ") and "has no class labels" in err and "\n" not in err

@@ -11,7 +11,7 @@ import sys
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from data_pipeline.stream import DataError
+from data_pipeline.stream import DataError, unlabelled
 from train.config import ConfigError, load_config
 from train.distributed import world_info_from_env
 from train.engine import train
@@ -32,7 +32,12 @@ def parse_args(argv):
 
 
 def end_of_run_eval(cfg, result) -> dict:
-    """k-NN / linear probe of the trained encoder next to a randomly initialised one."""
+    """k-NN / linear probe of the trained encoder next to a randomly initialised one (skipped without labels)."""
+    missing = unlabelled(cfg.data.train, "data.train") or unlabelled(cfg.data.val, "data.val")
+    if missing:
+        if world_info_from_env().rank == 0:
+            log.info("end-of-run evaluation skipped: %s", missing)
+        return {}
     module = result.engine.module
     device = next(module.parameters()).device
     torch.manual_seed(cfg.run.seed)

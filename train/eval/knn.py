@@ -7,7 +7,7 @@ SOURCE is a run, checkpoint or export (see train/eval/load.py); train/val defaul
 run was trained on. Memory stays bounded on ImageNet-size sets: every rank holds the (gathered)
 validation features, streams its share of the train set through the encoder batch by batch and
 keeps only each validation sample's k nearest train neighbours; the ranks' neighbour lists are
-then merged. Results go to <run>/eval/knn_<tag>.json and TensorBoard (<run>/tb, eval/knn_*).
+then merged. Results go to <run>/eval/knn_<tag>_<pool>.json and TensorBoard (<run>/tb, eval/knn_*).
 """
 
 import argparse
@@ -136,7 +136,7 @@ def main(argv=None) -> int:
 
 
 def run_knn(args) -> None:
-    from data_pipeline.stream import resolve_shards
+    from data_pipeline.stream import unlabelled
     from train.distributed import device_for, init_distributed
     from train.eval.commands import num_classes_of, write_results
     from train.eval.load import load_encoder, resolve_source
@@ -146,7 +146,10 @@ def run_knn(args) -> None:
     train, val = args.train or source.data_value("train"), args.val or source.data_value("val")
     if not train or not val:
         raise ValueError(f"--train/--val: give labelled shards; {source.path} records no data.train/data.val")
-    resolve_shards(train, "--train"), resolve_shards(val, "--val")  # a missing shard fails before the model loads
+    for spec, key in ((train, "--train"), (val, "--val")):  # a missing shard or label fails before the model loads
+        missing = unlabelled(spec, key)
+        if missing:
+            raise ValueError(f"{missing}; k-NN needs labelled shards")
     device = device_for(info)
     encoder = load_encoder(source).to(device)
     mean, std = source.data_value("mean", (0.485, 0.456, 0.406)), source.data_value("std", (0.229, 0.224, 0.225))
@@ -156,7 +159,7 @@ def run_knn(args) -> None:
                   train=train, val=val, pool=args.pool, temperature=args.temperature)
     scalars = {f"eval/knn_{t}_k{k}": result[f"k{k}"][t] for k in args.k for t in ("top1", "top5")
                if t in result[f"k{k}"]}
-    write_results(Path(args.out) if args.out else source.run_dir, f"knn_{source.tag}", result, scalars,
+    write_results(Path(args.out) if args.out else source.run_dir, f"knn_{source.tag}_{args.pool}", result, scalars,
                   result["step"] or 0)
     if info.is_main:
         for k in args.k:
