@@ -27,6 +27,7 @@ import logging
 import math
 import os
 import random
+import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
@@ -154,17 +155,54 @@ def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-class SkipCounter:
-    """webdataset error handler that logs and counts instead of crashing (no sleep, unlike warn_and_continue)."""
+TAR_PROBLEMS = {  # tarfile's words -> what they mean for a shard
+    "unexpected end of data": "truncated shard (the tar ends inside a file)",
+    "empty file": "empty shard (no bytes)",
+    "invalid header": "not a tar file (invalid header)",
+    "bad checksum": "damaged tar header (bad checksum)",
+}
 
-    def __init__(self, count: int = 0):
-        self.count = count
+
+def describe_skip(exn: BaseException) -> str:
+    """One readable line for a skipped sample or shard: where (shard, key) and why, in words.
+
+    webdataset appends the stream object and the URL to an exception's args; those reprs (and the
+    ` @ <_io.BufferedReader ...>` it adds to messages) are replaced by the shard's URL.
+    """
+    args = [a for a in getattr(exn, "args", ()) if a is not None]
+    if not args:
+        return type(exn).__name__
+    first = exn.strerror if isinstance(exn, OSError) and exn.strerror else str(args[0])
+    message, _, stream = first.partition(" @ <")
+    urls = [a for a in args[1:] if isinstance(a, str)] + re.findall(r"name='([^']*)'", stream)
+    reason = TAR_PROBLEMS.get(message, message)
+    return f"{urls[-1]}: {reason}" if urls and urls[-1] not in message else reason
+
+
+class SkipCounter:
+    """webdataset error handler that logs and counts instead of crashing (no sleep, unlike warn_and_continue).
+
+    One line per skipped sample or shard (`describe_skip`); the same problem reported again at once by the
+    next layer of webdataset's reader (a truncated tar raises in the member loop and in the shard loop) is
+    counted once. `quiet`: count only (an evaluation reading shards the training already reported).
+    """
+
+    def __init__(self, count: int = 0, quiet: bool = False):
+        self.count, self.quiet, self.last = count, quiet, None
 
     def __call__(self, exn: BaseException) -> bool:
+        what = describe_skip(exn)
+        if what == self.last:
+            return True
+        self.last = what
         self.count += 1
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning("skipped bad data (%d so far): %s", self.count, exn)
+        if not self.quiet and (self.count <= 10 or self.count % 1000 == 0):
+            log.warning("skipped (%d so far): %s", self.count, what)
         return True
+
+    def ok(self) -> None:
+        """A sample decoded: a problem met again from here on is a new one (e.g. the next pass over a shard)."""
+        self.last = None
 
 
 def die_with_parent(worker_id: int = 0) -> None:
@@ -293,6 +331,7 @@ class ShardStream(IterableDataset):
                                         f"{why_undecodable(raw, err)}") from None
                     continue
                 bad_in_row = 0
+                handler.ok()
                 if len(batch) == self.batch_size:
                     out = self.collate(batch)
                     out["_position"] = torch.tensor([reader, segment, index + 1, handler.count])
@@ -410,7 +449,7 @@ class EvalStream(IterableDataset):
     def __init__(self, urls: list[str], views: Callable, batch_size: int, rank: int = 0, world_size: int = 1):
         self.urls, self.views, self.batch_size = list(urls), views, batch_size
         self.rank, self.world_size = rank, world_size
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(quiet=True)
 
     def assignment(self, slot: int, slots: int) -> list[tuple[str, int, int]]:
         """(shard url, stride, offset) triples reader `slot` of `slots` reads: samples with index % stride == offset."""
@@ -433,6 +472,7 @@ class EvalStream(IterableDataset):
                 except Exception as err:
                     self.skipped(err)
                     continue
+                self.skipped.ok()
                 views["labels"] = int(raw.get("cls", -1))
                 batch.append(views)
                 if len(batch) == self.batch_size:

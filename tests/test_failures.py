@@ -292,3 +292,23 @@ def test_shards_without_labels_train_and_label_needing_steps_say_so_first(tmp_pa
     assert knn_main([str(run), "--workers", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --train: ") and "has no class labels" in err and "\n" not in err
+
+
+def test_damage_reports_are_one_readable_line_each(tmp_path, caplog):
+    whole = Path(write_tar(tmp_path / "whole.tar", {f"{i:04d}.{e}": d for i in range(3)
+                                                    for e, d in (("jpg", jpeg(i)), ("cls", b"1"))}))
+    with tarfile.open(whole) as tar:
+        cut = next(m for m in tar.getmembers() if m.name == "0001.jpg").offset_data + 20
+    (tmp_path / "cut.tar").write_bytes(whole.read_bytes()[:cut])
+    (tmp_path / "zero.tar").write_bytes(b"")
+    (tmp_path / "junk.tar").write_bytes(b"x" * 3000)
+    urls = [str(tmp_path / f"{name}.tar") for name in ("cut", "zero", "junk")]
+    stream = StreamLoader(urls, SingleView(16), 1, resampled=False, shuffle_buffer=0)
+    with caplog.at_level("WARNING", logger="data_pipeline.stream"):
+        assert next(iter(stream))["labels"].tolist() == [1]  # cut.tar's first sample
+        reports = [r.getMessage() for r in caplog.records]
+    problems = [r.split(": ", 1)[1] for r in reports]
+    assert set(problems) == {f"{urls[0]}: truncated shard (the tar ends inside a file)",
+                             f"{urls[1]}: empty shard (no bytes)", f"{urls[2]}: not a tar file (invalid header)"}
+    assert problems.count(problems[0]) == problems.count(problems[1]) == problems.count(problems[2])  # once a pass
+    assert reports[0].startswith("skipped (1 so far): ") and not any("<" in r or " at 0x" in r for r in reports)
