@@ -472,6 +472,11 @@ def verify(spec: str, workers: int = 8, decode: bool = True, labels: bool = True
 # ---------------------------------------------------------------- command line
 
 
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm allocation's), not the whole node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m data_pipeline.shards", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -485,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_folder, p_list):
         p.add_argument("out_dir")
         p.add_argument("--split", default="train")
-        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+        p.add_argument("--workers", type=int, default=available_cpus(), help="worker processes (default: the CPUs "
+                       "this process may use)")
         p.add_argument("--max-bytes", type=float, default=256e6, help="target bytes per shard")
         p.add_argument("--max-count", type=int, default=0, help="at most this many samples per shard (0: no cap)")
         p.add_argument("--max-side", type=int, default=0, help="re-encode images whose longest side is larger")
@@ -493,7 +499,7 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0, help="seed of the one-off file shuffle")
     p_verify = sub.add_parser("verify", help="check every shard of a manifest (or a shard pattern)")
     p_verify.add_argument("manifest")
-    p_verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p_verify.add_argument("--workers", type=int, default=available_cpus(), help="worker processes")
     p_verify.add_argument("--no-decode", action="store_true", help="check the tar structure only")
     p_verify.add_argument("--no-labels", action="store_true",
                           help="accept samples without a class index (.cls), e.g. img2dataset shards for pretraining")

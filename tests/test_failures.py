@@ -312,3 +312,31 @@ def test_damage_reports_are_one_readable_line_each(tmp_path, caplog):
                              f"{urls[1]}: empty shard (no bytes)", f"{urls[2]}: not a tar file (invalid header)"}
     assert problems.count(problems[0]) == problems.count(problems[1]) == problems.count(problems[2])  # once a pass
     assert reports[0].startswith("skipped (1 so far): ") and not any("<" in r or " at 0x" in r for r in reports)
+
+
+def test_small_ones_export_mode_knn_file_names_shard_lists_and_cpu_threads(make_cfg, digits_dir, tmp_path):
+    from data_pipeline.stream import resolve_shards
+    from train.distributed import cpu_threads_per_rank
+    from train.eval.export import export
+    from train.eval.knn import main as knn_main
+
+    # `a.tar::b-{..}.tar` lists and local globs name shards as the manifest does
+    every = resolve_shards(str(digits_dir / "train.json")).urls
+    assert resolve_shards(f"{every[0]}::{digits_dir}/train-{{000001..000002}}.tar").urls == every[:3]
+    assert resolve_shards(str(digits_dir / "train-*.tar")).urls == every
+    # deepspeed's launcher leaves OMP_NUM_THREADS unset: CPU ranks share the node's cores
+    assert cpu_threads_per_rank({"LOCAL_SIZE": "4"}, 16) == 4 and cpu_threads_per_rank({"LOCAL_SIZE": "8"}, 4) == 1
+    assert cpu_threads_per_rank({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "2"}, 16) is None
+    assert cpu_threads_per_rank({}, 16) is None
+    cfg = make_cfg("train.steps=1", name="small")
+    train(cfg)
+    exported = export(cfg.output_dir, tmp_path / "timm")
+    assert oct((exported / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
+    assert knn_main([str(cfg.output_dir), "--pool", "avg", "--workers", "0"]) == 0
+    assert (cfg.output_dir / "eval" / "knn_step_00000001_avg.json").is_file()
+
+
+def current_umask() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return umask

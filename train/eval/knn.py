@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from data_pipeline.shards import available_cpus
 from train.eval.features import encode, eval_batches, extract_features, world
 
 log = logging.getLogger("train")
@@ -122,7 +123,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--pool", choices=("token", "avg"), default="token", help="class token or mean of patches")
     parser.add_argument("--batch-size", type=int, default=256, help="per rank")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
+    parser.add_argument("--workers", type=int, default=min(4, available_cpus()),
+                        help="DataLoader workers per rank (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--out", help="results directory (default: the run dir, or the export dir)")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)

@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.augment import EvalView
+from data_pipeline.shards import available_cpus
 from data_pipeline.stream import EvalStream, resolve_shards, to_device
 from train.config import Config, ConfigError, load_config
 from train.teachers.clip import FrozenTeacher, TeacherConfig
@@ -118,7 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations (20, as MaPeT's faiss k-means)")
     parser.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=min(4, available_cpus()),
+                        help="DataLoader workers per rank (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.train=/data/train.json")
     args = parser.parse_intermixed_args(argv)
