@@ -340,3 +340,19 @@ def current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+def test_deepspeeds_known_deprecation_warnings_are_filtered_once_for_the_project():
+    """In a process of the project (pytest itself ignores FutureWarnings): only the named ones are hidden."""
+    proc = subprocess.run(script("""
+        import warnings
+        import train
+        for message in ("`torch.distributed.all_gather_into_tensor` is deprecated. Please use "
+                        "`torch.distributed.all_gather_single` instead.",
+                        "`torch.cuda.amp.custom_fwd(args...)` is deprecated. Please use "
+                        "`torch.amp.custom_fwd(args..., device_type='cuda')` instead.",
+                        "something else is deprecated"):
+            warnings.warn(message, FutureWarning, stacklevel=1)
+        """), env={**ENV, "PYTHONWARNINGS": "default"}, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "FutureWarning: something else is deprecated" in proc.stderr, proc.stderr
+    assert "all_gather_into_tensor" not in proc.stderr and "custom_fwd" not in proc.stderr
