@@ -431,7 +431,8 @@ def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
 
     micro = cfg.data.batch_size
     total = cfg.train.global_batch_size or micro * world_size
-    batch = {"train_batch_size": total, "train_micro_batch_size_per_gpu": micro,
+    # the global batch is left for DeepSpeed to derive with the world size it sees (1 before the group exists)
+    batch = {"train_micro_batch_size_per_gpu": micro,
              "gradient_accumulation_steps": max(1, total // (micro * world_size))}
     try:
         DeepSpeedConfig({**ds, **batch})

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader
 
 from data_pipeline.augment import EvalView
 from data_pipeline.shards import available_cpus
-from data_pipeline.stream import EvalStream, resolve_shards, to_device
+from data_pipeline.stream import EvalStream, die_with_parent, resolve_shards, to_device
 from train.config import Config, ConfigError, load_config
 from train.teachers.clip import FrozenTeacher, TeacherConfig
 from train.teachers.kmeans import assign, kmeans
@@ -75,7 +75,7 @@ def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, devi
     stream = EvalStream(shards.urls, EvalView(cfg.model.img_size), batch_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     feats, count = [], 0
-    for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+    for batch in DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=die_with_parent):
         images = to_device(batch, device, cfg.data.mean, cfg.data.std)["images"]
         patches = teacher(images)[1].flatten(0, 1)
         patches = patches[torch.rand(len(patches), generator=gen, device=device) < keep]
