@@ -13,7 +13,6 @@ both wall-clocks (and the training process's CPU time, steadier on a shared mach
 linear-probe accuracy of each encoder on data.val.
 """
 
-import argparse
 import copy
 import json
 import logging
@@ -23,24 +22,18 @@ import time
 
 import torch
 
+from data_pipeline.batch import synthetic_batch
+from data_pipeline.shards import ensure_demo_shards
+from train.cli import config_of, config_parser, run_command
 from train.compression import FULL, CompressionSchedule, Setting
-from train.config import CompressionConfig, ConfigError, load_config
+from train.config import CompressionConfig, ConfigError
+from train.distributed import barrier, init_distributed
+from train.engine import train, use_bf16
+from train.eval.quick import evaluate_encoder
+from train.methods import build_method
+from train.optim import make_optimizer, param_groups
 
 log = logging.getLogger("train")
-
-
-def synthetic_batch(cfg, device: torch.device) -> dict:
-    """A normalised-image batch in the shape of `data.views` (the batch contract), labels -1."""
-    b, s = cfg.data.batch_size, cfg.model.img_size
-    batch = {"labels": torch.full((b,), -1, device=device)}
-    if cfg.data.views == "single":
-        batch["images"] = torch.randn(b, 3, s, s, device=device)
-    else:
-        batch["views"] = torch.randn(b, 2, 3, s, s, device=device)
-    if cfg.data.views == "dino" and cfg.data.local_crops:
-        batch["local_views"] = torch.randn(b, cfg.data.local_crops, 3, cfg.data.local_size, cfg.data.local_size,
-                                           device=device)
-    return batch
 
 
 def stage_settings(schedule: CompressionSchedule, points: int) -> list[Setting]:
@@ -65,8 +58,7 @@ def time_steps(method, optimizer, batch: dict, setting: Setting, steps: int, war
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        if hasattr(method, "on_step_end"):
-            method.on_step_end(i + 1)
+        method.on_step_end(i + 1)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -75,17 +67,13 @@ def time_steps(method, optimizer, batch: dict, setting: Setting, steps: int, war
 
 def flops_speedup(method, schedule: CompressionSchedule, total_steps: int) -> float | None:
     """Uncompressed / compressed training FLOPs of the whole run by the method's FLOPs model (None without one)."""
-    flops = getattr(method, "flops_per_image", None)
-    if flops is None:
+    flops = method.flops_per_image
+    if flops() is None:
         return None
     return total_steps * flops() / sum(flops(compression=schedule.at(step)) for step in range(total_steps))
 
 
 def speed(cfg, args) -> dict:
-    from train.engine import use_bf16
-    from train.methods import build_method
-    from train.optim import make_optimizer, param_groups
-
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     bf16 = use_bf16(cfg) and device.type == "cuda"
     torch.manual_seed(cfg.run.seed)
@@ -96,7 +84,7 @@ def speed(cfg, args) -> dict:
         raise ConfigError("set --total-steps (or train.steps) for the expected wall-clock of the schedule")
     schedule = CompressionSchedule(cfg.compression, cfg.model.patch_size, total)
     stages = stage_settings(schedule, args.points)
-    batch = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg.data, cfg.model.img_size, device)
     seconds, memory = {}, {}
     for setting in [FULL, *stages]:
         key = (setting.patch_size, setting.keep_ratio)
@@ -106,7 +94,7 @@ def speed(cfg, args) -> dict:
             torch.cuda.reset_peak_memory_stats()
         seconds[key] = time_steps(method, optimizer, batch, setting, args.steps, args.warmup, bf16)
         memory[key] = f"{torch.cuda.max_memory_allocated() / 2**30:.1f}" if device.type == "cuda" else "-"
-    tokens = getattr(method, "tokens_per_image", None)
+    tokens = method.tokens_per_image if method.tokens_per_image() is not None else None
     name = torch.cuda.get_device_name() if device.type == "cuda" else "CPU"
     print(f"{cfg.method.name}, model {cfg.model.embed_dim}d x {cfg.model.depth}, patch {cfg.model.patch_size}, "
           f"img {cfg.model.img_size}, batch {cfg.data.batch_size}, views {cfg.data.views}, {name}, "
@@ -134,15 +122,13 @@ def speed(cfg, args) -> dict:
 
 def learn(cfg, args) -> dict:
     """Train uncompressed and compressed from the same config; wall-clock and k-NN / linear probe of each."""
-    from train.distributed import init_distributed
-    from train.engine import prepare_data, train
-    from train.eval.quick import evaluate_encoder
-
     root = cfg.output_dir
     for sub in ("full", "compressed"):
         if (root / sub).exists():
             raise ConfigError(f"{root / sub} exists; remove it or choose another run.output_dir")
-    cfg = prepare_data(cfg, init_distributed())  # the embedded digits once, when data.train is empty
+    world = init_distributed()
+    if ensure_demo_shards(cfg.data, cfg.output_dir / "shards", world.is_main):  # the embedded digits, once
+        barrier()
     results = {}
     for sub in ("full", "compressed"):
         run = copy.deepcopy(cfg)
@@ -150,7 +136,7 @@ def learn(cfg, args) -> dict:
         if sub == "full":
             run.compression = CompressionConfig()
         start, cpu_start = time.perf_counter(), time.process_time()
-        result = train(run)
+        result = train(run, build_method)
         seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
         module = result.engine.module
         scores = evaluate_encoder(module.encoder, run, next(module.parameters()).device)
@@ -176,27 +162,22 @@ def learn(cfg, args) -> dict:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.compression", description=__doc__.split("\n")[0])
-    parser.add_argument("command", choices=["speed", "learn"])
-    parser.add_argument("--config", action="append", help="YAML file(s) as for train.pretrain, later ones win")
+    parser = config_parser("python -m benchmarks.compression", __doc__.split("\n")[0],
+                           "YAML file(s) as for train.pretrain, later ones win", commands=("speed", "learn"))
     parser.add_argument("--steps", type=int, default=10, help="speed: timed steps per setting")
     parser.add_argument("--warmup", type=int, default=3, help="speed: untimed steps per setting")
     parser.add_argument("--points", type=int, default=10, help="speed: equal stretches of training to time")
     parser.add_argument("--total-steps", type=int, default=0, help="speed: run length (default train.steps)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. data.batch_size=128")
     args = parser.parse_intermixed_args(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        result = speed(cfg, args) if args.command == "speed" else learn(cfg, args)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: bench(args))
+
+
+def bench(args) -> None:
+    cfg = config_of(args)
+    result = speed(cfg, args) if args.command == "speed" else learn(cfg, args)
     if cfg.run.output_dir and args.command == "speed":
         cfg.output_dir.mkdir(parents=True, exist_ok=True)
         (cfg.output_dir / "compression_speed.json").write_text(json.dumps(result, indent=1))
-    return 0
 
 
 if __name__ == "__main__":

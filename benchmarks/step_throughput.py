@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.stream import to_device
-from train.config import load_config
+from data_pipeline.batch import synthetic_batch
 from train.distributed import init_distributed
 from train.engine import build_engine, use_bf16
-from train.methods import METHODS, build_method
+from train.methods import METHODS, Method, build_method
 from train.models.vit import ViTEncoder
 from train.monitor import gpu_peak_flops
-from train.optim import make_optimizer, param_groups
+from train.optim import make_optimizer, param_groups, peak_lr
+from train.recipe import load_config
 from train.speed import compile_blocks, enable_fast_kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +76,7 @@ class FullTokenConfig:
     num_classes: int = 1000
 
 
-class FullToken(nn.Module):
+class FullToken(Method):
     """The `full` workload: encoder on all patch tokens, linear head on their mean, cross-entropy on the labels."""
 
     Config = FullTokenConfig
@@ -91,29 +91,11 @@ class FullToken(nn.Module):
         loss = F.cross_entropy(logits.float(), batch["labels"])
         return loss, {"loss": loss.detach()}
 
-    def flops_per_image(self):
+    def flops_per_image(self, compression=None):
         return 3 * self.encoder.forward_flops(self.encoder.num_patches)
 
-    def tokens_per_image(self):
+    def tokens_per_image(self, compression=None):
         return self.encoder.num_patches
-
-
-def synthetic_batch(cfg, device):
-    """A batch of the method's views (the batch contract in DESIGN.md), normalised on the device."""
-    g = torch.Generator().manual_seed(0)
-    b, size, d = cfg.data.batch_size, cfg.model.img_size, cfg.data
-
-    def pixels(*shape):
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-
-    host = {"labels": torch.randint(0, 1000, (b,), generator=g)}
-    if d.views == "single":
-        host["images"] = pixels(b, 3, size, size)
-    else:
-        host["views"] = pixels(b, 2, 3, size, size)
-    if d.views == "dino":
-        host["local_views"] = pixels(b, d.local_crops, 3, d.local_size, d.local_size)
-    return to_device(host, device, d.mean, d.std)
 
 
 def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
@@ -133,7 +115,7 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
         module = build_method(cfg).to(device)
         if cfg.train.compile:
             compile_blocks(module, cfg.train.compile)
-        lr = cfg.optim.base_lr * cfg.data.batch_size / 256  # the engine's rule
+        lr = peak_lr(cfg.optim.base_lr, cfg.data.batch_size)  # the engine's rule
         optimizer = make_optimizer(param_groups(module, cfg.optim.weight_decay), lr, cfg.optim.betas, cpu_offload=False)
         bf16 = use_bf16(cfg)
 
@@ -145,7 +127,7 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
             optimizer.zero_grad(set_to_none=True)
             return loss
     else:
-        engine, *_ = build_engine(cfg, world_size=1)
+        engine, *_ = build_engine(cfg, build_method, world_size=1)
         module = engine.module
 
         def step(batch, i):
@@ -158,7 +140,7 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
         if cuda:
             torch.cuda.synchronize()
 
-    batch = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg.data, cfg.model.img_size, device)
     torch.manual_seed(1)  # the same masking noise for every backend
     if cuda:
         torch.cuda.reset_peak_memory_stats()

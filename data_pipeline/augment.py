@@ -19,6 +19,8 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import RandomResizedCrop, v2
 from torchvision.transforms.v2.functional import pil_to_tensor
 
+from data_pipeline.batch import to_device
+
 log = logging.getLogger(__name__)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp", "bmp")
 # the official recipes' (global) crop scales, used when data.crop_scale is not set
@@ -176,8 +178,6 @@ class DeviceSingleView(SingleView):
     def to_device(self, batch: dict, device: torch.device, mean, std) -> dict:
         """Decode, crop, resize, flip and normalise a packed batch on `device` (`_skipped`: how many samples
         could not be decoded and were replaced by others of the batch)."""
-        from data_pipeline.stream import to_device
-
         encoded, offsets, params = batch.pop("_encoded"), batch.pop("_offsets").tolist(), batch.pop("_params")
         chunks = [encoded[offsets[i]:offsets[i + 1]] for i in range(len(params))]
         decoded = self._decode(chunks, params, device)
@@ -221,7 +221,7 @@ class FinetuneView:
 
     def __init__(self, img_size: int, crop_scale=(0.08, 1.0), hflip: float = 0.5,
                  rand_augment: str = "rand-m9-mstd0.5-inc1", mean=(0.485, 0.456, 0.406)):
-        from timm.data.auto_augment import rand_augment_transform
+        from timm.data.auto_augment import rand_augment_transform  # optional: only the finetune view
 
         self.crop = v2.Compose([
             v2.RandomResizedCrop(img_size, scale=tuple(crop_scale), interpolation=v2.InterpolationMode.BICUBIC),

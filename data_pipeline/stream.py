@@ -12,7 +12,7 @@ loader knows which reader produced each batch and checkpoints every reader's pos
 next reader in turn. Every rank's stream is infinite, so all ranks run the same number of steps.
 
 With a `device`, the loader also moves each batch there (the views' own `to_device` when they decode
-on the device, else `to_device` below), one batch ahead on a side CUDA stream so the copy and decode
+on the device, else `data_pipeline.batch.to_device`), one batch ahead on a side CUDA stream so the copy and decode
 overlap the training step; a batch's position is committed only when it is handed out.
 
 Corrupt, empty or undecodable images and truncated tars are skipped and counted, never fatal.
@@ -42,6 +42,7 @@ from webdataset.shardlists import expand_urls
 from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
 from data_pipeline.augment import IMAGE_KEYS, decode_image
+from data_pipeline.batch import to_device
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # linux/prctl.h
@@ -480,16 +481,3 @@ class EvalStream(IterableDataset):
                     batch = []
         if batch:
             yield collate(batch)
-
-
-def to_device(batch: dict, device: torch.device, mean, std) -> dict:
-    """Move a batch to `device`; uint8 images (..., 3, H, W) become float, scaled to [0, 1] and normalised there."""
-    mean = torch.tensor(mean, device=device).view(-1, 1, 1)
-    std = torch.tensor(std, device=device).view(-1, 1, 1)
-    out = {}
-    for key, value in batch.items():
-        value = value.to(device, non_blocking=True)
-        if value.dtype == torch.uint8 and value.ndim >= 4:
-            value = (value.float().div_(255) - mean) / std
-        out[key] = value
-    return out

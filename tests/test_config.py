@@ -1,6 +1,7 @@
 import pytest
 
-from train.config import ConfigError, load_config, save_config
+from train.config import ConfigError, save_config
+from train.recipe import load_config
 
 TINY_MODEL = ["model.img_size=32", "model.patch_size=4", "model.embed_dim=32", "model.num_heads=2", "train.steps=1"]
 

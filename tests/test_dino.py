@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics, seed_checkpoint
+from helpers import fully_partitioned_zero3, read_metrics, resume_run
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.methods import build_method
@@ -112,13 +111,14 @@ DINO_RUN = ["method.name=dino", "method.freeze_last_layer=0.012", "method.warmup
             "run.ckpt_every=3", "run.keep_last=3"]
 
 
+@pytest.mark.e2e
 def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     """Under fully partitioned ZeRO-3 DINO retraces ZeRO-1's losses (gathers in the encoder, head and EMA
     update), and a run resumed at step 3 retraces the rest (teacher, centre and schedules restored)."""
     zero1 = make_cfg(*DINO_RUN, name="zero1")
-    train(zero1)
+    train(zero1, build_method)
     zero3 = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="zero3")
-    engine = train(zero3).engine
+    engine = train(zero3, build_method).engine
     method = engine.module
     # the optimizer's decayed groups got the scheduled weight decay (the others none)
     last = weight_decay_at(5, 6, 0.04, 0.4)
@@ -132,12 +132,32 @@ def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     assert method.center.abs().sum() > 0 and method.freeze_steps == 2
 
     resumed = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="resumed")
-    seed_checkpoint(resumed, zero3.output_dir, 3)
-    again = train(resumed).engine.module
-    rest = read_metrics(resumed.output_dir)
+    rest, result = resume_run(resumed, zero3.output_dir, 3)
+    again = result.engine.module
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "train/teacher_entropy", "train/weight_decay"):
         assert [rest[s][key] for s in rest] == pytest.approx([rows[s][key] for s in rest], rel=1e-5), key
     assert torch.allclose(again.center, method.center, rtol=1e-5, atol=1e-7)
     teacher, teacher_again = method.teacher.module.state_dict(), again.teacher.module.state_dict()
     assert all(torch.allclose(teacher[k], teacher_again[k], rtol=1e-5, atol=1e-6) for k in teacher)
+
+
+@pytest.mark.e2e
+def test_export_and_checkpoint_eval_take_the_teacher_unless_asked_for_the_student(make_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.eval.export import export
+    from train.methods import METHODS
+    from train.weights import load_encoder, resolve_source
+
+    cfg = make_cfg("method.name=dino", "train.steps=2", "method.momentum_teacher=0.5", name="dino_export")
+    module = train(cfg, build_method).engine.module
+    teacher = {k: v.float() for k, v in module.eval_encoder().vit.state_dict().items()}
+    student = {k: v.float() for k, v in module.encoder.vit.state_dict().items()}
+    assert not torch.allclose(teacher["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
+    for kind, expected in (("teacher", teacher), ("student", student)):
+        exported = load_file(export(cfg.output_dir, tmp_path / kind, student=kind == "student") / "model.safetensors")
+        assert exported.keys() == expected.keys()
+        assert all(torch.allclose(exported[k], expected[k]) for k in expected), kind
+    loaded = load_encoder(resolve_source(cfg.output_dir), METHODS).vit.state_dict()
+    assert all(torch.allclose(loaded[k], teacher[k]) for k in teacher)

@@ -8,18 +8,16 @@ import sys
 import pytest
 import timm
 import torch
-from test_engine import fully_partitioned_zero3
-from test_launch import run_env
 
-from conftest import REPO, seed_checkpoint
+from helpers import REPO, fully_partitioned_zero3, resume_run, run_env
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.eval.export import export
-from train.eval.knn import NearestNeighbours, knn_predict, topk_accuracy
-from train.eval.load import load_encoder, resolve_source
-from train.methods import build_method
+from train.eval.metrics import NearestNeighbours, knn_predict, topk_accuracy
+from train.methods import METHODS, build_method
 from train.models.vit import ViTEncoder
 from train.optim import param_groups
+from train.weights import load_encoder, resolve_source
 
 
 def clustered_features(n_per_class: int, num_classes: int, dim: int = 16, seed: int = 0):
@@ -94,14 +92,14 @@ def test_layer_decay_scales_are_maes(make_cfg):
 @pytest.fixture(scope="module")
 def mae_run(tmp_path_factory, digits_dir):
     """A tiny MAE pretraining run (ZeRO-2, 2 steps) to evaluate, fine-tune and export."""
-    from conftest import tiny_overrides
-    from train.config import load_config
+    from helpers import tiny_overrides
+    from train.recipe import load_config
 
     out = tmp_path_factory.mktemp("mae")
     cfg = load_config(None, tiny_overrides() + [f"run.output_dir={out}", f"data.train={digits_dir / 'train.json'}",
                                                 f"data.val={digits_dir / 'val.json'}", "train.steps=2",
                                                 "train.deepspeed=ds_configs/zero2.json"])
-    train(cfg)
+    train(cfg, build_method)
     return out
 
 
@@ -115,6 +113,7 @@ def live_logits_hook(store: dict, images: torch.Tensor):
     return evaluate
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method, extra", [
     ("finetune", ["optim.layer_decay=0.75", "model.drop_path=0.1", "data.views=finetune", "method.pool=avg"]),
     ("linear_probe", ["optim.optimizer=lars", "train.deepspeed=ds_configs/zero0.json", "train.precision=fp32"]),
@@ -123,7 +122,7 @@ def test_classifier_export_gives_the_live_models_logits_in_timm(make_cfg, mae_ru
     cfg = make_cfg(f"method.name={method}", f"method.init={mae_run}", "train.steps=3", "run.ckpt_every=3", *extra)
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     live = {}
-    result = train(cfg, evaluate=live_logits_hook(live, images))
+    result = train(cfg, build_method, evaluate=live_logits_hook(live, images))
     assert result.last_checkpoint == "step_00000003" and "logits" in live
     out = export(cfg.output_dir, tmp_path / "export")
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # no network: timm's local folder
@@ -136,8 +135,9 @@ def test_classifier_export_gives_the_live_models_logits_in_timm(make_cfg, mae_ru
     assert timm_cfg["vitssl"]["method"] == method and timm_cfg["vitssl"]["step"] == 3
 
 
+@pytest.mark.e2e
 def test_finetune_run_writes_eval_json_and_tensorboard(mae_run, digits_dir, tmp_path):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from train.eval.finetune import main
 
     out = tmp_path / "ft"
@@ -155,9 +155,10 @@ def test_finetune_run_writes_eval_json_and_tensorboard(mae_run, digits_dir, tmp_
 ZERO3_SCRIPT = """
 import json, sys
 import deepspeed, torch
-from train.config import load_config
+from train.recipe import load_config
 from train.engine import train
-from train.eval.knn import knn_evaluate
+from train.eval.metrics import knn_evaluate
+from train.methods import build_method
 
 cfg = load_config(None, json.loads(sys.argv[1]), world_size=2)
 
@@ -172,12 +173,13 @@ def evaluate(module, step):
         torch.save({"live": live, "knn": knn}, sys.argv[2])
     return {"eval/knn_top1": knn["k20"]["top1"]}
 
-train(cfg, evaluate=evaluate)
+train(cfg, build_method, evaluate=evaluate)
 """
 
 
+@pytest.mark.e2e
 def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp_path, digits_dir):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from train.distributed import free_port
 
     script = tmp_path / "zero3_run.py"
@@ -201,10 +203,10 @@ def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp
     for key, value in written["live"].items():
         assert torch.equal(weights[key], value), key
     # the exported encoder, single process, gives the same k-NN as the two partitioned ranks did together
-    from train.eval.knn import knn_evaluate
+    from train.eval.metrics import knn_evaluate
 
     source = resolve_source(exported)
-    encoder = load_encoder(source)
+    encoder = load_encoder(source, METHODS)
     single = knn_evaluate(encoder, str(digits_dir / "train.json"), str(digits_dir / "val.json"), 16,
                           source.data_value("mean"), source.data_value("std"), torch.device("cpu"), batch_size=128)
     distributed = written["knn"]
@@ -218,6 +220,7 @@ def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp
         assert (model(images) - encoder.eval()(images, pool="token")).abs().max() < 1e-5
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir, capsys):
     from train.eval.knn import main as knn_main
 
@@ -234,6 +237,7 @@ def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir,
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(make_cfg, mae_run, tmp_path):
 
     def train_losses(out_dir) -> dict[int, float]:  # evaluation rows share the step: keep the training ones
@@ -243,11 +247,11 @@ def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(m
     args = ("method.name=finetune", f"method.init={mae_run}", "train.steps=4", "run.ckpt_every=2",
             "data.views=finetune", "model.drop_path=0.1", "optim.layer_decay=0.75")
     straight = make_cfg(*args, name="straight")
-    train(straight, evaluate=live_logits_hook({}, torch.randn(2, 3, 16, 16)))  # evaluation must not shift RNGs
+    # evaluation must not shift RNGs
+    train(straight, build_method, evaluate=live_logits_hook({}, torch.randn(2, 3, 16, 16)))
     full = train_losses(straight.output_dir)
     resumed = make_cfg(*args, name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 2)
-    train(resumed)
+    resume_run(resumed, straight.output_dir, 2)
     rows = train_losses(resumed.output_dir)
     assert sorted(rows) == [3, 4] and sorted(full) == [1, 2, 3, 4]
     assert [rows[3], rows[4]] == pytest.approx([full[3], full[4]], rel=1e-6, abs=1e-7)

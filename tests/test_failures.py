@@ -17,10 +17,11 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, tiny_overrides
 from data_pipeline.augment import SingleView
 from data_pipeline.stream import DataError, EvalStream, StreamLoader
+from helpers import REPO, tiny_overrides
 from train.engine import train
+from train.methods import build_method
 
 ENV = {**os.environ, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
@@ -236,7 +237,7 @@ def test_steps_deepspeed_skips_are_failures_not_progress(make_cfg, monkeypatch):
     monkeypatch.setattr(MAE, "forward", overflowing)
     cfg = make_cfg("train.steps=12", "run.ckpt_every=2", "train.max_skipped_steps=3", name="skips")
     with pytest.raises(FloatingPointError) as err:
-        train(cfg)
+        train(cfg, build_method)
     # steps 3.. are skipped; the 4th in a row (step 6) stops; step 4's checkpoint was written while skipping
     assert "DeepSpeed skipped 4 optimizer steps in a row up to step 6" in str(err.value)
     assert f"the last good checkpoint is step_00000002 in {cfg.output_dir / 'checkpoints'}" in str(err.value)
@@ -244,7 +245,7 @@ def test_steps_deepspeed_skips_are_failures_not_progress(make_cfg, monkeypatch):
     # a short run that never applied a step does not end as a success
     poison_from["step"] = 0
     with pytest.raises(FloatingPointError, match=r"skipped every optimizer step of this run \(to step 2\)"):
-        train(make_cfg("train.steps=2", name="all_skipped"))
+        train(make_cfg("train.steps=2", name="all_skipped"), build_method)
 
 
 def test_resumed_runs_record_every_step_once(make_cfg):
@@ -253,12 +254,12 @@ def test_resumed_runs_record_every_step_once(make_cfg):
     from train.checkpoint import tag_for
 
     cfg = make_cfg("train.steps=6", "run.ckpt_every=3", "run.image_every=3", "run.keep_last=0", name="records")
-    train(cfg)
+    train(cfg, build_method)
     ckpts = cfg.output_dir / "checkpoints"
     for _ in range(2):  # killed after step 6 was logged but before its checkpoint counted, twice
         shutil.rmtree(ckpts / tag_for(6))
         (ckpts / "latest").write_text(tag_for(3))
-        train(cfg)
+        train(cfg, build_method)
     rows = [json.loads(line)["step"] for line in (cfg.output_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows == [1, 2, 3, 4, 5, 6]
     events = EventAccumulator(str(cfg.output_dir / "tb"), size_guidance={"images": 0, "scalars": 0})
@@ -329,7 +330,7 @@ def test_small_ones_export_mode_knn_file_names_shard_lists_and_cpu_threads(make_
     assert cpu_threads_per_rank({"LOCAL_SIZE": "4", "OMP_NUM_THREADS": "2"}, 16) is None
     assert cpu_threads_per_rank({}, 16) is None
     cfg = make_cfg("train.steps=1", name="small")
-    train(cfg)
+    train(cfg, build_method)
     exported = export(cfg.output_dir, tmp_path / "timm")
     assert oct((exported / "model.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~current_umask())
     assert knn_main([str(cfg.output_dir), "--pool", "avg", "--workers", "0"]) == 0

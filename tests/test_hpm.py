@@ -6,14 +6,21 @@ import re
 import pytest
 import torch
 from scipy.stats import kendalltau
-from test_engine import fully_partitioned_zero3, losses, plain_pytorch_losses
 
-from conftest import REPO, read_metrics, seed_checkpoint
-from train.config import ConfigError, load_config
+from helpers import (
+    REPO,
+    fully_partitioned_zero3,
+    losses,
+    plain_pytorch_losses,
+    read_metrics,
+    resume_run,
+)
+from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
 from train.methods.hpm import ema_momentum_at, hard_patch_masking, hard_share_at, kendall_tau, relative_loss
 from train.methods.mae import mae_loss, patchify
+from train.recipe import load_config
 
 TINY_HPM = ["method.name=hpm", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
@@ -185,6 +192,7 @@ def test_bad_hpm_config_is_one_clear_line(override, message):
         load_config(None, TINY_HPM + ["train.steps=1", override])
 
 
+@pytest.mark.e2e
 def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg, tmp_path):
     """Fully partitioned ZeRO-3: teacher-guided masks, EMA updates and visualize() gather correctly."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -192,7 +200,7 @@ def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg,
     steps = 6
     cfg = make_cfg("method.name=hpm", f"train.steps={steps}", f"train.deepspeed={fully_partitioned_zero3(tmp_path)}",
                    "method.hard_share=[0.5,1.0]", "method.ema_momentum=[0.5,0.5]", name="z3")
-    result = train(cfg)
+    result = train(cfg, build_method)
     ours = losses(cfg.output_dir)
     assert ours == pytest.approx(plain_pytorch_losses(cfg, steps), rel=1e-4, abs=1e-5)
     rows = read_metrics(cfg.output_dir)
@@ -208,16 +216,16 @@ def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg,
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
 
 
+@pytest.mark.e2e
 def test_resume_retraces_the_same_curve(make_cfg):
     """The teacher (extra state), the schedule position and the masking noise all come back."""
     common = ["method.name=hpm", "train.steps=6", "run.ckpt_every=3", "method.hard_share=[0.5,1.0]",
               "method.ema_momentum=[0.5,0.5]"]
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     resumed = make_cfg(*common, name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 3)
-    train(resumed)
-    full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
+    rest, _ = resume_run(resumed, straight.output_dir, 3)
+    full = read_metrics(straight.output_dir)
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "train/teacher_kendall"):
         assert [rest[s][key] for s in rest] == pytest.approx([full[s][key] for s in rest], rel=1e-6), key

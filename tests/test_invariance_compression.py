@@ -4,7 +4,7 @@ patch scaling on every branch, FLOP/token accounting, and a compressed run with 
 import pytest
 import torch
 
-from conftest import read_metrics
+from helpers import read_metrics
 from train.compression import Setting
 from train.engine import train
 from train.methods import build_method
@@ -48,13 +48,14 @@ def test_student_drops_tokens_teacher_sees_its_whole_grid(make_cfg, name):
     assert method.flops_per_image(compression=Setting(patch_size=8)) < method.flops_per_image()
 
 
+@pytest.mark.e2e
 def test_compressed_dino_run_logs_setting_and_gradient_error(make_cfg):
     """A DINO run on a token-dropout schedule: the engine's compression scalars and the gradient diagnostic
     (which runs the method on a copy, teacher and centre included)."""
     cfg = make_cfg("method.name=dino", "method.freeze_last_layer=0", "train.steps=2",
                    "compression.keep_ratio.kind=step", "compression.keep_ratio.start=0.5",
                    "compression.keep_ratio.until=0.5", "compression.diagnose_every=1")
-    train(cfg)
+    train(cfg, build_method)
     rows = read_metrics(cfg.output_dir)
     assert [rows[s]["compression/keep_ratio"] for s in (1, 2)] == pytest.approx([0.5, 1.0])
     assert -1.0 <= rows[1]["compression/grad_cosine"] < 1.0 and rows[1]["compression/grad_rel_error"] > 0
@@ -62,8 +63,8 @@ def test_compressed_dino_run_logs_setting_and_gradient_error(make_cfg):
 
 @pytest.mark.parametrize("name", ["moco_v3_vit_b", "dino_vit_b", "simclr_vit_b", "dino_demo"])
 def test_shipped_compression_schedules_stack_on_the_recipes(name):
-    from conftest import REPO
-    from train.config import load_config
+    from helpers import REPO
+    from train.recipe import load_config
 
     configs = REPO / "train" / "configs"
     method = name.split("_vit")[0].removesuffix("_demo")

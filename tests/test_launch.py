@@ -1,25 +1,14 @@
 """The entry point as users run it: subprocesses, signals, two gloo ranks, the launcher environments."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
 
-from conftest import REPO, read_metrics, tiny_overrides
+import pytest
+
+from helpers import command, read_metrics, run_env
 from train.distributed import world_info_from_env
-
-
-def command(tmp_path, digits_dir, *overrides, launcher=()):
-    return [*launcher, "-m", "train.pretrain", *tiny_overrides(), f"run.output_dir={tmp_path / 'run'}",
-            f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
-
-
-def run_env():
-    """This process's environment without the rendezvous variables an in-process run may have set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def test_world_info_from_launcher_variables():
@@ -33,6 +22,7 @@ def test_world_info_from_launcher_variables():
     assert (both.rank, both.world_size) == (1, 2)
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_and_resume_finishes(tmp_path, digits_dir):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *command(tmp_path, digits_dir, "train.steps=400")], cwd=tmp_path,
@@ -55,6 +45,7 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, digits_dir):
     assert max(read_metrics(out)) == stopped_at + 3
 
 
+@pytest.mark.e2e
 def test_two_gloo_ranks_under_torchrun(tmp_path, digits_dir):
     from train.distributed import free_port
 

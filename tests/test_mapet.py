@@ -6,35 +6,14 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics, tiny_overrides
+from helpers import fully_partitioned_zero3, read_metrics
 from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
 from train.methods.mapet import mapet_loss, two_stream_mask
 from train.models.vit import ViTEncoder
-from train.teachers.codebook import main as codebook_main
 from train.teachers.kmeans import assign
-
-
-@pytest.fixture(scope="module")
-def codebook(tmp_path_factory, clip_teacher, digits_dir):
-    """16 k-CLIP codes fit by the codebook command on the tiny teacher's features of the digits."""
-    path = tmp_path_factory.mktemp("codebook") / "kclip16.pt"
-    rc = codebook_main(["--out", str(path), "--max-patches", "4000", "--workers", "0", "--batch-size", "200",
-                        *tiny_overrides(["method.name=mapet"]), "method.name=mapet", "train.steps=1",
-                        f"method.teacher.path={clip_teacher}", f"data.train={digits_dir / 'train.json'}"])
-    assert rc == 0
-    return path
-
-
-@pytest.fixture
-def mapet_cfg(make_cfg, clip_teacher, codebook):
-    def make(*overrides, name="mapet"):
-        return make_cfg("method.name=mapet", f"method.teacher.path={clip_teacher}", f"method.codebook={codebook}",
-                        "train.steps=1", *overrides, name=name)
-    return make
 
 
 def brute_force_mask(order: list[int], num_visible: int) -> torch.Tensor:
@@ -183,11 +162,12 @@ def test_missing_or_mismatched_codebook_is_a_clear_error(mapet_cfg, tmp_path):
         mapet_cfg("method.num_visible=16")
 
 
+@pytest.mark.e2e
 def test_mapet_trains_the_same_under_zero1_and_partitioned_zero3(mapet_cfg, tmp_path):
     runs = {}
     for stage, ds in ((1, "ds_configs/zero1.json"), (3, fully_partitioned_zero3(tmp_path))):
         cfg = mapet_cfg("train.steps=10", f"train.deepspeed={ds}", name=f"mapet_z{stage}")
-        result = train(cfg)
+        result = train(cfg, build_method)
         runs[stage] = read_metrics(cfg.output_dir)
         method = result.engine.module
         assert not any(n.startswith("tokenizer") for n, _ in method.named_parameters())  # not DeepSpeed's
@@ -202,8 +182,9 @@ def test_mapet_trains_the_same_under_zero1_and_partitioned_zero3(mapet_cfg, tmp_
     assert all(0.0 <= runs[1][s]["train/token_acc"] <= 1.0 for s in runs[1])
 
 
+@pytest.mark.e2e
 def test_bf16_student_with_an_fp32_teacher(mapet_cfg):
-    result = train(mapet_cfg("train.steps=2", "train.precision=bf16", name="mapet_bf16"))
+    result = train(mapet_cfg("train.steps=2", "train.precision=bf16", name="mapet_bf16"), build_method)
     method = result.engine.module
     assert method.encoder.vit.pos_embed.dtype == torch.bfloat16  # DeepSpeed cast the student ...
     assert all(p.dtype == torch.float32 for p in method.tokenizer.teacher.model.parameters())  # ... not the teacher

@@ -10,13 +10,12 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from test_engine import fully_partitioned_zero3
 from torch import nn
 from torch.func import functional_call
 
-from conftest import REPO, read_metrics, seed_checkpoint
 from data_pipeline.shards import Sample, write_shards
-from train.config import ConfigError, ModelConfig, load_config
+from helpers import REPO, fully_partitioned_zero3, read_metrics, resume_run
+from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.methods import build_method
 from train.methods.mae import patchify, per_patch_loss
@@ -31,6 +30,7 @@ from train.methods.mlo_mae import (
 )
 from train.models.decoder import MAEDecoder
 from train.models.vit import ViTEncoder
+from train.recipe import load_config
 
 MLO = ["method.name=mlo_mae"]
 
@@ -220,17 +220,16 @@ AUX_KEYS = ("train/loss", "train/rec_loss", "train/head_loss", "train/val_loss",
 
 def resume_from_step_3(cfg, source_dir):
     """Run `cfg` from a copy of `source_dir`'s step-3 checkpoint: (its metrics of steps 4-6, the run result)."""
-    seed_checkpoint(cfg, source_dir, 3)
-    result = train(cfg)
-    rest = read_metrics(cfg.output_dir)
+    rest, result = resume_run(cfg, source_dir, 3)
     assert sorted(rest) == [4, 5, 6]
     return rest, result
 
 
+@pytest.mark.e2e
 def test_resume_exact_zero3_parity_no_leaks_and_tensorboard(make_cfg, tmp_path):
     common = [*MLO, "train.steps=6", "run.ckpt_every=3"]
     straight = make_cfg(*common, "run.image_every=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     full = read_metrics(straight.output_dir)
     assert all(full[s]["train/hypergrad_norm"] > 0 for s in full)
     scalars, images = tb_tags(straight.output_dir)
@@ -244,7 +243,7 @@ def test_resume_exact_zero3_parity_no_leaks_and_tensorboard(make_cfg, tmp_path):
     # ZeRO-3 with every parameter partitioned: the same run, level by level, and its own exact resume
     zero3_config = f"train.deepspeed={fully_partitioned_zero3(tmp_path)}"
     zero3 = make_cfg(*common, zero3_config, name="zero3")
-    train(zero3)
+    train(zero3, build_method)
     sharded = read_metrics(zero3.output_dir)
     for key in AUX_KEYS:
         assert [sharded[s][key] for s in sharded] == pytest.approx([full[s][key] for s in full], rel=1e-4,
@@ -317,6 +316,7 @@ def masking_preference(method, images: torch.Tensor) -> tuple[float, float]:
     return logit_gap.item(), (freq[INFORMATIVE].mean() - freq[NOISE].mean()).item()
 
 
+@pytest.mark.e2e
 def test_learning_check_informative_patches_are_told_apart(make_cfg, tmp_path):
     """The class lives in 4 known patches; after 100 steps the masking network separates them from the noise
     patches (measured: informative patches get the higher mask probability, so they are masked more often).
@@ -327,7 +327,7 @@ def test_learning_check_informative_patches_are_told_apart(make_cfg, tmp_path):
                 "data.crop_scale=[1.0,1.0]", "data.hflip=0.0", "optim.base_lr=2e-2", "optim.warmup_steps=10",
                 "method.head_base_lr=0.05", "method.mask_base_lr=0.1", "run.log_every=50"]
     cfg = make_cfg(*settings, name="learn")
-    method = train(cfg).engine.module
+    method = train(cfg, build_method).engine.module
     torch.manual_seed(cfg.run.seed)
     random_mask_mae = build_method(make_cfg(*settings, "method.mask_base_lr=0", name="random"))
     images, _ = synthetic_images(256, seed=1)

@@ -4,9 +4,8 @@ The loss by hand and the global-batch gather with two ranks are in test_simclr.p
 
 import pytest
 import torch
-from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics
+from helpers import fully_partitioned_zero3, read_metrics
 from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
@@ -38,13 +37,14 @@ def test_config_errors(make_cfg):
         make_cfg("method.name=moco_v3", "train.steps=1", "method.moco_t=0.2")
 
 
+@pytest.mark.e2e
 def test_zero3_matches_zero1(make_cfg, tmp_path):
     """Fully partitioned ZeRO-3 retraces ZeRO-1: the encoder, both MLPs and the momentum update gather right."""
     run = ["method.name=moco_v3", "train.steps=4"]
     zero1 = make_cfg(*run, name="zero1")
-    train(zero1)
+    train(zero1, build_method)
     zero3 = make_cfg(*run, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="zero3")
-    method = train(zero3).engine.module
+    method = train(zero3, build_method).engine.module
     ref, rows = read_metrics(zero1.output_dir), read_metrics(zero3.output_dir)
     assert [rows[s]["train/loss"] for s in rows] == pytest.approx([ref[s]["train/loss"] for s in rows], rel=1e-4)
     assert [rows[s]["train/momentum"] for s in rows] == pytest.approx([cosine_momentum(s - 1, 4, 0.99) for s in rows])
@@ -62,8 +62,8 @@ def test_zero3_matches_zero1(make_cfg, tmp_path):
 @pytest.mark.parametrize("name", ["moco_v3_demo", "moco_v3_vit_b", "moco_v3_vit_l", "dino_demo", "dino_vit_b",
                                   "dino_vit_l", "simclr_demo", "simclr_vit_b"])
 def test_shipped_configs_validate(name):
-    from conftest import REPO
-    from train.config import load_config
+    from helpers import REPO
+    from train.recipe import load_config
 
     cfg = load_config(REPO / "train" / "configs" / f"{name}.yaml", world_size=8)
     assert cfg.method.name == name.split("_vit")[0].removesuffix("_demo")

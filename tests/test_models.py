@@ -2,11 +2,12 @@ import pytest
 import timm
 import torch
 
-from train.config import ModelConfig, load_config
+from train.config import ModelConfig
 from train.methods import build_method
 from train.methods.mae import mae_loss, patchify, unpatchify
 from train.models.masking import gather_tokens, random_masking, restore_tokens
 from train.models.vit import ViTEncoder
+from train.recipe import load_config
 
 TINY = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2)
 

@@ -13,7 +13,8 @@ from PIL import Image
 from data_pipeline.augment import DeviceSingleView, SingleView, build_views
 from data_pipeline.shards import Sample, write_shards
 from data_pipeline.stream import EvalStream, StreamLoader, resolve_shards
-from train.config import ConfigError, DataConfig, load_config
+from train.config import ConfigError, DataConfig
+from train.recipe import load_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -216,12 +217,14 @@ def test_views_follow_the_official_recipes_and_are_configurable():
         load_config(None, tiny + ["data.decode=gpu", "data.views=dino"])
 
 
+@pytest.mark.e2e
 def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
     """Through the engine with decoding in the training process (the GPU path's code, here on the CPU)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from conftest import read_metrics
+    from helpers import read_metrics
     from train.engine import train
+    from train.methods import build_method
 
     samples = [Sample(f"k{i}", photo(i, (20, 20)), "jpg", i % 4, str(i % 4)) for i in range(40)]
     for i in (3, 17, 29):
@@ -229,7 +232,7 @@ def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
     write_shards(samples, tmp_path / "bad", "train", [str(c) for c in range(4)], max_count=10)
     cfg = make_cfg("train.steps=6", f"data.train={tmp_path / 'bad' / 'train.json'}", "data.decode=gpu",
                    name="skips")
-    train(cfg)
+    train(cfg, build_method)
     rows = read_metrics(cfg.output_dir)
     assert rows[6]["data/samples_seen"] == 48  # 48 good samples read: one full pass of 37 and more
     assert rows[6]["data/skipped"] >= 3
@@ -239,6 +242,7 @@ def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
     assert logged == [rows[s]["data/skipped"] for s in sorted(rows)] and logged == sorted(logged)
 
 
+@pytest.mark.e2e
 def test_data_throughput_benchmark_prints_its_table(tmp_path, capsys):
     from benchmarks.data_throughput import main, synthetic_jpeg
 

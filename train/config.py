@@ -1,9 +1,13 @@
-"""Typed run configuration: dataclass defaults, a YAML delta per run, dotted command-line overrides.
+"""Typed run configuration: the section dataclasses, YAML deltas + dotted overrides, section-local checks.
 
-`load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
-validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
+The bottom layer: it imports nothing of the project. `read_tree(files, overrides)` merges YAML files
+(later ones win) and `a.b=value` overrides into one nested dict; a file may start with
+`_base_: [a.yaml, ...]`: those files (paths relative to it, themselves with includes) are merged first,
+in order, and the file's own keys go over them, so a recipe states only what differs from its bases.
+`from_dict(Config, tree, method_config)` types it (the method section's dataclass comes from
+`method_config(name)`); `validate` checks each section on its own. `train.recipe.load_config` composes
+these with the method registry. Every mistake (unknown key, wrong type, impossible combination) raises
 `ConfigError` with one line naming the key, before any model or process group is built.
-A list of YAML files is merged in order (later files win).
 """
 
 import dataclasses
@@ -11,17 +15,20 @@ import difflib
 import json
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
 PRECISIONS = ("auto", "bf16", "fp32")
 VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune")
 DECODE = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd", "lars")
+DEFAULT_METHOD = "mae"
 
 
 class ConfigError(ValueError):
@@ -146,18 +153,6 @@ class Config:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
 
 
-def _method_class(name: Any):
-    from train.methods import METHODS
-
-    if name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def _method_config_class(name: Any):
-    return _method_class(name).Config
-
-
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Check `value` against the annotation `tp`, converting only where it is lossless."""
     origin = typing.get_origin(tp)
@@ -209,8 +204,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(cls: type, data: Any, prefix: str = "", method_config: Callable[[str], type] | None = None) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types.
+
+    For `Config`, `method_config(name)` gives the dataclass of the method section (`method.name`, default mae).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -230,12 +228,14 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             method = data[name] or {}
             if not isinstance(method, dict):
                 raise ConfigError(f"method: expected a mapping with a 'name', got {method!r}")
-            kwargs[name] = from_dict(_method_config_class(method.get("name", "mae")), method, "method.")
+            kwargs[name] = from_dict(method_config(method.get("name", DEFAULT_METHOD)), method, "method.")
         else:
             kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
     obj = cls(**kwargs)
     if cls is Config and obj.method is None:
-        obj.method = _method_config_class("mae")()
+        obj.method = method_config(DEFAULT_METHOD)()
+    if cls is Config and "views" not in (data.get("data") or {}):
+        obj.data.views = getattr(obj.method, "default_views", "single")  # the views the method trains on
     return obj
 
 
@@ -287,45 +287,63 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def read_yaml(file: Path) -> dict:
-    """One YAML delta: a non-empty mapping of sections without duplicate keys, else a one-line ConfigError."""
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """One YAML file as a tree, its `_base_:` includes (relative to it, nested) merged underneath in order.
+
+    An empty file, a key given twice in one mapping and a top level that is not a mapping are errors."""
+    file = resolve_path(path)
+    where = f" (in _base_ of {_chain[-1]})" if _chain else ""
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    if file.resolve() in _chain:
+        raise ConfigError(f"{file}: _base_ include cycle: {' -> '.join(map(str, _chain + (file.resolve(),)))}")
     try:
         delta = yaml.load(file.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        where = getattr(err, "problem_mark", None)
-        line = f" line {where.line + 1}" if where else ""
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise ConfigError(f"{file}:{line} not valid YAML ({problem})") from None
     if delta is None:
-        raise ConfigError(f"{file}: the file is empty; give at least one section of settings or drop this --config")
+        raise ConfigError(f"{file}: the file is empty; give at least one section of settings or drop it{where}")
     if not isinstance(delta, dict):
         raise ConfigError(f"{file}: top level must be a mapping of sections, got {type(delta).__name__}")
-    return delta
+    bases = delta.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{file}: _base_ must be a file name or a list of file names, got {bases!r}")
+    tree: dict = {}
+    for base in bases:
+        _merge(tree, read_yaml(file.parent / base, _chain + (file.resolve(),)))
+    return _merge(tree, delta)
 
 
-def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
+def read_tree(path: str | Path | list | None = None, overrides: list[str] = ()) -> dict:
+    """YAML deltas (several files: later ones win) with `a.b=value` overrides applied, as one nested dict."""
     tree: dict = {}
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
-    for file in map(Path, paths):
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
+    for file in paths:
         _merge(tree, read_yaml(file))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    cfg = from_dict(Config, tree)
-    validate(cfg, world_size)
-    return cfg
+    return tree
 
 
-def resolve_path(path: str) -> Path:
-    """A path as given, else relative to the repository (ds_configs/... from any working directory)."""
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, else relative to the repository, else to the installed package (which carries
+    ds_configs/ and configs/ inside `train/`): ds_configs/... and train/configs/... from any directory."""
     p = Path(path)
-    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+    if p.exists() or p.is_absolute():
+        return p
+    for candidate in (REPO_ROOT / p, PACKAGE_DIR / p):
+        if candidate.exists():
+            return candidate
+    return REPO_ROOT / p
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Reject impossible combinations with one line each."""
+    """Reject impossible combinations within the sections with one line each (the method's own checks and
+    what depends on the method come after, in `train.recipe.load_config`)."""
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
     for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
         if getattr(m, key) < 1:
@@ -370,7 +388,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
     if t.compile:
-        from torch._dynamo import list_backends
+        from torch._dynamo import list_backends  # heavy: loaded only when compiling
 
         backends = list_backends(exclude_tags=())
         if t.compile not in backends:
@@ -383,9 +401,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
-    if o.layer_decay < 1 and not hasattr(_method_class(cfg.method.name), "group_matcher"):
-        raise ConfigError(f"optim.layer_decay needs a method with layer groups (group_matcher); "
-                          f"{cfg.method.name} has none")
     if o.optimizer == "lars" and (zero.get("stage", 0) != 0 or t.precision != "fp32"):
         raise ConfigError("optim.optimizer=lars needs train.deepspeed=ds_configs/zero0.json and train.precision=fp32: "
                           "ZeRO partitions and bf16 master weights flatten parameters, breaking LARS's per-layer "
@@ -404,12 +419,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
     check_data(cfg)
-    check = getattr(cfg.method, "validate", None)
-    if check is not None:
-        check(cfg)
-    from train.compression import validate_compression
-
-    validate_compression(cfg)
 
 
 def check_deepspeed_json(cfg: Config, world_size: int) -> dict:

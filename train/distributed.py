@@ -108,7 +108,7 @@ def init_distributed() -> WorldInfo:
         torch.cuda.set_device(cuda_index(info.local_rank, torch.cuda.device_count()))
     elif threads := cpu_threads_per_rank(os.environ, available_cpus()):  # CPU ranks sharing a node
         torch.set_num_threads(threads)
-    import deepspeed
+    import deepspeed  # heavy: only when initialising a process group
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
@@ -119,6 +119,21 @@ def device_for(info: WorldInfo) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", cuda_index(info.local_rank, torch.cuda.device_count()))
+
+
+def rank() -> int:
+    """This process's rank in the initialised process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the initialised process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_batch(cfg, world: int | None = None) -> int:
+    """Images per optimizer step: `train.global_batch_size`, else `data.batch_size` x world size (no accumulation)."""
+    return cfg.train.global_batch_size or cfg.data.batch_size * (world_size() if world is None else world)
 
 
 def barrier() -> None:

@@ -9,6 +9,8 @@ import torch
 from torch.utils.tensorboard import SummaryWriter
 from torchvision.utils import make_grid
 
+from train.distributed import rank
+
 log = logging.getLogger("train")
 
 # dense bf16 tensor-core peak FLOP/s by device name (for MFU)
@@ -83,3 +85,17 @@ class Monitor:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def write_results(out_dir: Path, name: str, result: dict, scalars: dict[str, float], step: int) -> Path:
+    """Rank 0 writes `out_dir/eval/<name>.json` and the scalars to TensorBoard (`out_dir/tb`) at `step`."""
+    path = out_dir / "eval" / f"{name}.json"
+    if rank() != 0:
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    with SummaryWriter(str(out_dir / "tb")) as writer:
+        for key, value in scalars.items():
+            writer.add_scalar(key, value, step)
+    log.info("results: %s (TensorBoard: %s)", path, out_dir / "tb")
+    return path

@@ -28,6 +28,11 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
     return param_groups_weight_decay(model, weight_decay, no_weight_decay_list=no_decay)
 
 
+def peak_lr(base_lr: float, global_batch: int) -> float:
+    """MAE's rule: lr = base_lr x global batch / 256."""
+    return base_lr * global_batch / 256
+
+
 def lr_at(step: int, peak_lr: float, total_steps: int, warmup_steps: int, min_lr: float = 0.0) -> float:
     """Linear warmup to `peak_lr`, then half-cosine decay to `min_lr` at `total_steps` (per step, as MAE)."""
     if step < warmup_steps:
@@ -56,7 +61,7 @@ def make_optimizer(groups: list[dict], lr: float, betas: tuple[float, float], cp
             group["always_adapt"] = all(p.ndim > 1 for p in group["params"])
         return Lars(groups, lr=lr, momentum=momentum)
     if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
+        from deepspeed.ops.adam import DeepSpeedCPUAdam  # heavy: only with optimizer offload
 
         return DeepSpeedCPUAdam(groups, lr=lr, betas=betas, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, fused=torch.cuda.is_available())

@@ -23,14 +23,14 @@ teacher's resampled features and the decoders' positions are laid out on the mod
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from timm.models.vision_transformer import Block
-from torch import nn
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
+from train.models.decoder import FeaturePredictor
+from train.models.losses import feature_loss
 from train.models.masking import gather_tokens
-from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed, vit_forward_flops
+from train.models.vit import ViTEncoder
 from train.teachers.clip import FrozenTeacher, TeacherConfig
 
 ORDERS = ("random", "raster")
@@ -100,54 +100,8 @@ def digpt_targets(teacher_cls: torch.Tensor, teacher_patches: torch.Tensor, orde
     return torch.cat([upcoming, cls], dim=1), torch.cat([visible, cls], dim=1)
 
 
-def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mean cosine similarity) of predicted vs teacher features (B, T, C), in float32.
-
-    "cosine": 2 - 2 cos of the L2-normalised pair, averaged over tokens (D-iGPT, BYOL);
-    "smooth_l1": smooth-L1 against the teacher features layer-normalised per token.
-    """
-    pred, target = pred.float(), target.float()
-    cosine = F.cosine_similarity(pred, target, dim=-1).mean()
-    if kind == "cosine":
-        return 2 - 2 * cosine, cosine
-    return F.smooth_l1_loss(pred, F.layer_norm(target, target.shape[-1:])), cosine
-
-
-class FeaturePredictor(nn.Module):
-    """Light decoder: encoder tokens + one query per target (a learned token + the target's sin-cos
-    position; the class query last) through timm blocks under a mask -> teacher-sized features."""
-
-    def __init__(self, grid: tuple[int, int], encoder_dim: int, dim: int, depth: int, num_heads: int, out_dim: int):
-        super().__init__()
-        self.dim, self.depth = dim, depth
-        self.embed = nn.Linear(encoder_dim, dim)
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
-        self.blocks = nn.ModuleList([Block(dim, num_heads, 4.0, qkv_bias=True) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim)
-        self.pred = nn.Linear(dim, out_dim)
-        init_mae_weights(self)
-        nn.init.normal_(self.query, std=0.02)
-
-    def forward(self, latent: torch.Tensor, target_ids: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        """latent (B, 1 + L, De), target_ids (B, Q) patch indices -> predictions (B, Q + 1, out_dim)."""
-        x = self.embed(latent)
-        positions = gather_tokens(self.pos_embed[:, 1:].expand(x.shape[0], -1, -1), target_ids)
-        queries = torch.cat([self.query + positions, (self.query + self.pos_embed[:, :1]).expand(x.shape[0], -1, -1)],
-                            dim=1)
-        x = torch.cat([x, queries.to(x.dtype)], dim=1)
-        for block in self.blocks:
-            x = block(x, attn_mask=attn_mask)
-        return self.pred(self.norm(x[:, latent.shape[1]:]))
-
-    def no_weight_decay(self) -> set[str]:
-        return {"query"}
-
-    def forward_flops(self, tokens: int) -> float:
-        return vit_forward_flops(tokens, self.dim, self.depth)
-
-
-class DiGPT(nn.Module):
+@register("digpt")
+class DiGPT(Method):
     Config = DiGPTConfig
     supported_compression = ("token_dropout",)
 

@@ -3,6 +3,7 @@ and matches, on every crop, the centred and sharpened output distribution its EM
 *other* global crops."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -11,15 +12,18 @@ from torch import nn
 
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
 from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import DINOHead, linear_flops
 from train.models.vit import ViTEncoder
+from train.weights import ENCODER_PREFIX
 
 
 @dataclass
 class DINOConfig:
     name: str = "dino"
+    default_views: ClassVar[str] = "dino"  # data.views when the recipe does not set it
     out_dim: int = 65536  # prototypes (K) of the head's output
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -79,12 +83,15 @@ def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float)
     return center * momentum + batch_sum / count * (1 - momentum)
 
 
-class DINO(nn.Module):
+@register("dino")
+class DINO(Method):
     """Compression (train/compression.py): token dropout on the student's crops, patch scaling on every crop
     of student and teacher (the teacher always sees every token of its grid)."""
 
     Config = DINOConfig
     supported_compression = ("token_dropout", "patch_scaling")
+    teachers = ("teacher",)
+    export_prefixes = (ENCODER_PREFIX, "_extra_state")  # the teacher lives in the extra state
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -153,11 +160,19 @@ class DINO(nn.Module):
         """The teacher's encoder: DINO evaluates and releases the teacher, which outperforms the student."""
         return self.teacher.on(self.encoder.vit.cls_token.device)["encoder"]
 
+    @classmethod
+    def timm_state(cls, state: dict, student: bool = False) -> dict[str, torch.Tensor]:
+        """The teacher's encoder (what DINO evaluates and releases), or the student's."""
+        if student:
+            return super().timm_state(state)
+        teacher = state["_extra_state"]["teacher"]
+        return {k.removeprefix(ENCODER_PREFIX): v.float() for k, v in teacher.items() if k.startswith(ENCODER_PREFIX)}
+
     def get_extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict(), "center": self.center.detach().cpu()}
+        return {**self.teacher_state(), "center": self.center.detach().cpu()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        self.load_teacher_state(state)
         self.center = state["center"].float()
 
     def flops_per_image(self, compression: Setting = FULL) -> float:

@@ -16,11 +16,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError
-from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
+from train.methods.base import Method, register
+from train.methods.mae import MAEConfig
 from train.models.decoder import MAEDecoder
 from train.models.ema import EMA
+from train.models.losses import per_patch_loss
 from train.models.masking import masking_from_scores
+from train.models.patches import patchify, unpatchify
 from train.models.vit import ViTEncoder
 
 
@@ -115,8 +119,10 @@ def _rank01(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(dim=1).argsort(dim=1).float() / max(1, values.shape[1] - 1)
 
 
-class HPM(nn.Module):
+@register("hpm")
+class HPM(Method):
     Config = HPMConfig
+    teachers = ("teacher",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -186,12 +192,6 @@ class HPM(nn.Module):
         m = self.cfg
         self.teacher.update(self._student(), ema_momentum_at(step, self.total_steps, *m.ema_momentum, m.ema_ramp))
 
-    def get_extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
-
     def _as_patches(self, rgb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Colours in [0, 1] ((3,) or (B, N, 1) grey) as whole patches in normalised units, like `like`."""
         rgb = (rgb.repeat(self.encoder.patch_size**2) if rgb.ndim == 1 else rgb).to(like)
@@ -219,12 +219,12 @@ class HPM(nn.Module):
                    unpatchify(self._as_patches(_rank01(real_loss).unsqueeze(-1), target), p)]
         return {"hard_patches": torch.cat(columns, dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image: student (forward x 3) on the kept tokens with both decoder branches,
         plus the teacher's forward of the encoder and loss predictor on all tokens."""
         student = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops() * 2
         teacher = self.encoder.forward_flops(self.encoder.num_patches) + self.loss_predictor.forward_flops()
         return 3 * student + teacher
 
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
         return self.num_keep

@@ -31,9 +31,10 @@ from torch import nn
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
 from train.models.vit import ViTEncoder, init_mae_weights
 from train.teachers.clip import FrozenTeacher, TeacherConfig
-from train.teachers.codebook import KCLIPTokenizer, load_codebook
+from train.teachers.tokenizer import KCLIPTokenizer, load_codebook
 
 
 @dataclass
@@ -85,7 +86,8 @@ def mapet_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-class MaPeT(nn.Module):
+@register("mapet")
+class MaPeT(Method):
     Config = MaPeTConfig
     supported_compression = ("token_dropout",)
 

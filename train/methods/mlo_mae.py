@@ -49,13 +49,18 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.stream import resolve_shards
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError, ModelConfig
-from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
+from train.distributed import global_batch
+from train.methods.base import Method, register
+from train.methods.mae import MAEConfig
 from train.models.decoder import MAEDecoder
 from train.models.ema import EMA
+from train.models.losses import per_patch_loss
 from train.models.masking import masking_from_scores
+from train.models.patches import patchify, unpatchify
 from train.models.vit import ViTEncoder
-from train.optim import param_groups, set_lr
+from train.optim import param_groups, peak_lr, set_lr
 
 log = logging.getLogger("train")
 
@@ -292,7 +297,8 @@ def step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad
     optimizer.zero_grad(set_to_none=True)
 
 
-class MLOMAE(nn.Module):
+@register("mlo_mae")
+class MLOMAE(Method):
     Config = MLOMAEConfig
 
     def __init__(self, cfg: Config):
@@ -310,10 +316,8 @@ class MLOMAE(nn.Module):
             raise ConfigError("method.num_classes: set it (>= 2); method.downstream_train has no manifest with classes")
         self.batch_size = cfg.data.batch_size
         self.downstream_batch = m.downstream_batch_size or cfg.data.batch_size
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        level1_batch = cfg.train.global_batch_size or cfg.data.batch_size * world
-        self.head_lr = m.head_base_lr * level1_batch / 256
-        self.mask_lr = m.mask_base_lr * level1_batch / 256
+        self.head_lr = peak_lr(m.head_base_lr, global_batch(cfg))
+        self.mask_lr = peak_lr(m.mask_base_lr, global_batch(cfg))
 
         self.encoder = ViTEncoder(cfg.model)
         self.num_keep = int(self.encoder.num_patches * (1 - m.mask_ratio))
@@ -416,7 +420,7 @@ class MLOMAE(nn.Module):
         return {"mask_probability": torch.cat([images.float(), heat_panel, unpatchify(target * (1 - m), p),
                                                unpatchify(target * (1 - m) + pred * m, p)], dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per level-1 image with levels 2 and 3 amortised over `hyper_every` steps (a backward
         counted as 2 forwards, the forward-mode pass as 2 forwards)."""
         m, n = self.cfg, self.encoder.num_patches
@@ -427,5 +431,5 @@ class MLOMAE(nn.Module):
         hyper = 2 * masked + 3 * masker + downstream * self.downstream_batch / self.batch_size
         return 3 * masked + masker + hyper / m.hyper_every
 
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
         return self.num_keep

@@ -2,15 +2,17 @@
 2N - 1 other views of the global batch (NT-Xent), negatives gathered from every rank with gradients."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
+from train.distributed import rank as process_rank
+from train.methods.base import Method, register
+from train.methods.invariance import crop_major, encoded_tokens, require_views, warn_if_accumulating
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
 
@@ -18,6 +20,7 @@ from train.models.vit import ViTEncoder
 @dataclass
 class SimCLRConfig:
     name: str = "simclr"
+    default_views: ClassVar[str] = "simclr"  # data.views when the recipe does not set it
     proj_layers: int = 2  # projection MLP depth (SimCLR v1: 2, v2: 3)
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
@@ -47,7 +50,8 @@ def nt_xent_loss(z: torch.Tensor, z_all: torch.Tensor, temperature: float, rank:
     return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positives)
 
 
-class SimCLR(nn.Module):
+@register("simclr")
+class SimCLR(Method):
     """Compression (train/compression.py): token dropout and patch scaling on both views."""
 
     Config = SimCLRConfig

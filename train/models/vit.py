@@ -77,7 +77,7 @@ class ViTEncoder(nn.Module):
         # PI-resampling of the patch projection to other patch sizes (caches one matrix per size; no weights)
         self.patch_interpolator = PatchEmbedInterpolator((cfg.patch_size, cfg.patch_size), in_chans, cfg.embed_dim)
         # forward() reads these outside vit.forward(): tell ZeRO-3 to gather them for this module
-        import deepspeed
+        import deepspeed  # heavy: DeepSpeed, loaded when a model is built
 
         for param in (self.vit.cls_token, self.vit.pos_embed, *self.vit.patch_embed.proj.parameters()):
             deepspeed.zero.register_external_parameter(self, param)
@@ -187,3 +187,9 @@ class ViTEncoder(nn.Module):
         # not a timm size: timm's base model with every architecture argument given
         return "vit_base_patch16_224", {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
                                         "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}
+
+
+def pooled_features(encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pooled float32 features of a frozen encoder; bf16 autocast on GPU (the features are normalised later)."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"):
+        return encoder(images, pool=pool).float()

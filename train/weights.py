@@ -3,22 +3,27 @@
 A *source* is a run directory (`<run>/checkpoints/latest`), a checkpoints directory, one
 `step_N` checkpoint (any method, any ZeRO stage 0-3), or an export written by
 `python -m train.eval.export` (a timm `local-dir` folder: `model.safetensors` + `config.json`; the
-`.safetensors` file itself works too). DeepSpeed checkpoints are consolidated to fp32 with
-DeepSpeed's `zero_to_fp32` (lazily: only the tensors asked for are materialised).
+`.safetensors` file itself works too). DeepSpeed checkpoints are read by `checkpoint.read_fp32_state`;
+which of their tensors make the timm model is the writing method's export hook
+(`Method.export_prefixes` / `Method.timm_state`), looked up in the `methods` registry the caller passes.
 """
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
+from timm.layers import resample_abs_pos_embed
 
 from train import checkpoint
 from train.config import ConfigError, ModelConfig
+from train.models.vit import ViTEncoder
 
 ENCODER_PREFIX = "encoder.vit."  # a method's encoder (ViTEncoder.vit) in its state dict
-HEAD_PREFIXES = ("fc_norm.", "head.")  # classifier parts of the finetune / linear_probe methods
+HEAD_PREFIXES = ("fc_norm.", "head.")  # timm's classifier: the norm after pooling and the linear head
 EXPORT_WEIGHTS = "model.safetensors"
 EXPORT_CONFIG = "config.json"
 
@@ -76,58 +81,28 @@ def resolve_source(path: str | Path, key: str = "checkpoint") -> Source:
     return Source(ckpt_dir / tag, "checkpoint", checkpoint.read_meta(ckpt_dir, tag))
 
 
-def checkpoint_state(tag_dir: Path, prefixes: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """fp32 tensors under `prefixes` of a DeepSpeed checkpoint of any ZeRO stage.
-
-    Trained parameters come from the fp32 master weights (zero_to_fp32, ZeRO 1-3); what that leaves
-    out (frozen parameters under ZeRO 0/1, e.g. fixed sin-cos position embeddings) from the module file.
-    """
-    state = {}
-    if any(tag_dir.glob("*_optim_states.pt")):
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
-        state = {k: v.contiguous().float() for k, v in lazy.items() if k.startswith(prefixes)}
-    module_file = tag_dir / "mp_rank_00_model_states.pt"  # ZeRO 0-2: the whole module (ZeRO-3: per-rank files)
-    if module_file.exists():
-        module = torch.load(module_file, map_location="cpu", weights_only=False)["module"]
-        state.update({k: v.float() for k, v in module.items() if k.startswith(prefixes) and k not in state})
-    return state
-
-
-def timm_state(source: Source) -> dict[str, torch.Tensor]:
-    """The source's weights with timm VisionTransformer names: the encoder, plus fc_norm/head of a classifier.
-
-    A linear probe's head (BatchNorm without affine, then Linear) is folded into one Linear, exactly.
-    """
+def timm_state(source: Source, methods: Mapping[str, type], student: bool = False) -> dict[str, torch.Tensor]:
+    """The source's weights with timm VisionTransformer names, as the method that wrote it exports them
+    (`methods`: the registry; `student`: a method's trained encoder where it would export another, e.g.
+    DINO's student instead of its teacher)."""
     if source.kind == "export":
-        from safetensors.torch import load_file
-
         return load_file(source.path / EXPORT_WEIGHTS)
-    state = checkpoint_state(source.path, (ENCODER_PREFIX, *HEAD_PREFIXES))
-    out = {k.removeprefix(ENCODER_PREFIX): v for k, v in state.items() if k.startswith(ENCODER_PREFIX)}
+    name = source.meta.get("method")
+    if name not in methods:
+        raise ConfigError(f"{source.path}: written by method {name!r}, which is not registered")
+    method = methods[name]
+    out = method.timm_state(checkpoint.read_fp32_state(source.path, method.export_prefixes), student)
     if not out:
         raise ConfigError(f"{source.path}: no encoder weights (keys under '{ENCODER_PREFIX}'); the method "
-                          f"{source.meta.get('method')} has no `encoder` to evaluate or export")
-    out.update({k: v for k, v in state.items() if k.startswith("fc_norm.")})
-    if "head.weight" in state:
-        out["head.weight"], out["head.bias"] = state["head.weight"], state["head.bias"]
-    elif "head.1.weight" in state:  # BN(affine=False) -> Linear: W (x - m) / s + b = (W / s) x + (b - W m / s)
-        from train.methods.classify import PROBE_BN_EPS
-
-        scale = (state["head.0.running_var"] + PROBE_BN_EPS).rsqrt()
-        weight = state["head.1.weight"] * scale
-        out["head.weight"] = weight
-        out["head.bias"] = state["head.1.bias"] - weight @ state["head.0.running_mean"]
+                          f"{name} has no `encoder` to evaluate or export")
     return out
 
 
-def load_encoder(source: Source, model_cfg: ModelConfig | None = None):
+def load_encoder(source: Source, methods: Mapping[str, type], model_cfg: ModelConfig | None = None,
+                 student: bool = False) -> ViTEncoder:
     """A `ViTEncoder` holding the source's encoder weights (architecture from the source unless given;
     position embeddings are resampled to `model_cfg.img_size`)."""
-    from train.models.vit import ViTEncoder
-
-    state = timm_state(source)
+    state = timm_state(source, methods, student)
     if "fc_norm.weight" in state and "norm.weight" not in state:
         raise ConfigError(f"{source.path}: a classifier fine-tuned with average pooling (fc_norm) has no final "
                           "encoder norm; k-NN, linear probes and fine-tuning start from pretrained encoders")
@@ -136,8 +111,6 @@ def load_encoder(source: Source, model_cfg: ModelConfig | None = None):
     pos, own = state.get("pos_embed"), encoder.vit.pos_embed
     if pos is not None and pos.shape[1:] != own.shape[1:] and pos.shape[-1] == own.shape[-1]:
         # another image size (e.g. fine-tuning at 384 after pretraining at 224): interpolate, as MAE does
-        from timm.layers import resample_abs_pos_embed
-
         state["pos_embed"] = resample_abs_pos_embed(pos, list(encoder.grid_size), num_prefix_tokens=1)
     load_strict(encoder.vit, state, str(source.path))
     return encoder
