@@ -271,7 +271,7 @@ def test_resumed_runs_record_every_step_once(make_cfg):
 
 def test_shards_without_labels_train_and_label_needing_steps_say_so_first(tmp_path, caplog, capsys):
     """img2dataset's layout (jpg + json + txt, no cls): pretraining needs no labels, k-NN does."""
-    from data_pipeline.shards import main as shards_main
+    from data_pipeline.shards.__main__ import main as shards_main
     from train.eval.knn import main as knn_main
     from train.pretrain import main
 

@@ -418,7 +418,6 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
-    check_data(cfg)
 
 
 def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
@@ -457,7 +456,10 @@ def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
 
 
 def check_data(cfg: Config) -> None:
-    """`data.train` and `data.val` exist and can be read: the manifest, every local shard, brace / glob patterns."""
+    """`data.train` and `data.val` exist and can be read: the manifest, every local shard, brace / glob patterns.
+
+    Called by a run before anything is built, not by `validate`: recipes name data paths of the machine
+    they are meant for and load anywhere."""
     from data_pipeline.stream import resolve_shards
 
     for key in ("train", "val"):

@@ -20,7 +20,7 @@ from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule
 from train.compression.diagnostic import GradientDiagnostic
-from train.config import Config, ConfigError, resolve_path, save_config, to_dict
+from train.config import Config, ConfigError, check_data, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, global_batch, init_distributed
 from train.methods.base import Method
 from train.monitor import Monitor
@@ -229,6 +229,7 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
         out.mkdir(parents=True, exist_ok=True)
     if ensure_demo_shards(cfg.data, out / "shards", world.is_main):
         barrier()  # rank 0 wrote them
+    check_data(cfg)  # data.train / data.val readable: one ConfigError line, before the engine is built
     shards = resolve_shards(cfg.data.train)
     num_samples = cfg.data.num_samples or shards.num_samples
     total_steps, warmup_steps = total_steps_for(cfg, num_samples)
