@@ -37,7 +37,7 @@ def test_yaml_file_and_roundtrip(tmp_path):
     (["model.num_heads=3"], "model.embed_dim=32 is not divisible by model.num_heads=3"),
     (["train.epochs=2"], "set exactly one of train.epochs"),
     (["method.name=nope"], "method.name: unknown method 'nope'"),
-    (["method.mask_ratio=1.0"], "method.mask_ratio=1.0 must be in [0, 1)"),
+    (["method.mask_ratio=1.0"], "method.mask_ratio=1.0 must be in (0, 1)"),
     (["train.precision=fp16"], "train.precision='fp16'"),
     (["train.deepspeed=ds_configs/zero9.json"], "DeepSpeed config not found"),
     (["data.crop_scale=[0.9,0.5]"], "data.crop_scale"),

@@ -115,6 +115,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
     compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
+    max_skipped_steps: int = 20  # optimizer steps in a row DeepSpeed may skip (overflow, non-finite grad norm)
 
 
 @dataclass
@@ -286,8 +287,23 @@ def _merge(tree: dict, delta: dict) -> dict:
     return tree
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
-    """One YAML file as a tree, its `_base_:` includes (relative to it, nested) merged underneath in order."""
+    """One YAML file as a tree, its `_base_:` includes (relative to it, nested) merged underneath in order.
+
+    An empty file, a key given twice in one mapping and a top level that is not a mapping are errors."""
     file = resolve_path(path)
     where = f" (in _base_ of {_chain[-1]})" if _chain else ""
     if not file.is_file():
@@ -295,11 +311,16 @@ def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
     if file.resolve() in _chain:
         raise ConfigError(f"{file}: _base_ include cycle: {' -> '.join(map(str, _chain + (file.resolve(),)))}")
     try:
-        delta = yaml.safe_load(file.read_text()) or {}
+        delta = yaml.load(file.read_text(), Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{file}:{line} not valid YAML ({problem})") from None
+    if delta is None:
+        raise ConfigError(f"{file}: the file is empty; give at least one section of settings or drop it{where}")
     if not isinstance(delta, dict):
-        raise ConfigError(f"{file}: top level must be a mapping of sections")
+        raise ConfigError(f"{file}: top level must be a mapping of sections, got {type(delta).__name__}")
     bases = delta.pop("_base_", [])
     bases = [bases] if isinstance(bases, str) else bases
     if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
@@ -337,6 +358,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     """Reject impossible combinations within the sections with one line each (the method's own checks and
     what depends on the method come after, in `train.recipe.load_config`)."""
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
+    if m.mlp_ratio <= 0 or not 0 <= m.drop_path < 1:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} must be > 0 and model.drop_path={m.drop_path} in [0, 1)")
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
     if m.embed_dim % m.num_heads:
@@ -373,6 +399,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.global_batch_size and t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
     if t.compile:
@@ -381,12 +409,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         backends = list_backends(exclude_tags=())
         if t.compile not in backends:
             raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
-    if not resolve_path(t.deepspeed).is_file():
-        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
-    try:
-        zero = json.loads(resolve_path(t.deepspeed).read_text()).get("zero_optimization", {})
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    zero = check_deepspeed_json(cfg, world_size).get("zero_optimization", {})
     if t.compile and zero.get("stage", 0) == 3:
         raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
                           "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
@@ -405,6 +428,11 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           "trust ratio")
     if o.optimizer != "adamw" and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme"):
         raise ConfigError(f"optim.optimizer={o.optimizer}: optimizer offload runs DeepSpeed's CPU Adam; use adamw")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.clip_grad < 0 or o.warmup_steps < 0 or o.warmup_epochs < 0 or t.epochs < 0 or t.steps < 0:
+        raise ConfigError("optim.clip_grad, optim.warmup_steps, optim.warmup_epochs, train.epochs and train.steps "
+                          "must be >= 0")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
     if cfg.eval.every < 0 or cfg.eval.monitor_samples < 4:
@@ -457,6 +485,57 @@ def check_accelerate_env(cfg: Config, zero: dict, world_size: int, env: dict | N
     clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
     if clip and float(clip) != cfg.optim.clip_grad:
         conflict("gradient_clipping", clip, f"optim.clip_grad={cfg.optim.clip_grad:g}")
+
+
+def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
+    """The `train.deepspeed` JSON, checked as DeepSpeed will check it (its own validation), in one line."""
+    path = resolve_path(cfg.train.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {cfg.train.deepspeed}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"train.deepspeed: {path}: remove '{key}'; the optimizer and lr schedule come from "
+                              "optim.*")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    micro = cfg.data.batch_size
+    total = cfg.train.global_batch_size or micro * world_size
+    # the global batch is left for DeepSpeed to derive with the world size it sees (1 before the group exists)
+    batch = {"train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": max(1, total // (micro * world_size))}
+    try:
+        DeepSpeedConfig({**ds, **batch})
+    except Exception as err:  # pydantic's ValidationError (several lines) or DeepSpeed's own assertions
+        errors = err.errors() if hasattr(err, "errors") else None
+        if errors:
+            first = errors[0]
+            what = f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
+        else:
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"train.deepspeed: {path}: DeepSpeed rejects it: {what}") from None
+    return ds
+
+
+def check_data(cfg: Config) -> None:
+    """`data.train` and `data.val` exist and can be read: the manifest, every local shard, brace / glob patterns.
+
+    Called by a run before anything is built, not by `validate`: recipes name data paths of the machine
+    they are meant for and load anywhere."""
+    from data_pipeline.stream import resolve_shards
+
+    for key in ("train", "val"):
+        spec = getattr(cfg.data, key)
+        if spec:
+            try:
+                resolve_shards(spec, f"data.{key}")
+            except (OSError, ValueError) as err:
+                raise ConfigError(str(err)) from None
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data_pipeline.shards import available_cpus
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -81,6 +83,18 @@ def cuda_index(local_rank: int, visible: int) -> int:
     return local_rank
 
 
+def cpu_threads_per_rank(env: dict, cpus: int) -> int | None:
+    """Intra-op threads for one of several CPU ranks on a node, or None to leave torch's choice.
+
+    torchrun sets OMP_NUM_THREADS=1 itself; the deepspeed launcher does not (unless --bind_cores_to_rank),
+    so every rank would start one thread per core and the node would run ranks x cores threads.
+    """
+    if "OMP_NUM_THREADS" in env:
+        return None
+    local = _first_int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
+    return max(1, cpus // local) if local > 1 else None
+
+
 def init_distributed() -> WorldInfo:
     """Fill the env:// rendezvous variables from whichever launcher started us, then join the group.
 
@@ -92,6 +106,8 @@ def init_distributed() -> WorldInfo:
     os.environ.update(rendezvous_env(dict(os.environ)))
     if torch.cuda.is_available():
         torch.cuda.set_device(cuda_index(info.local_rank, torch.cuda.device_count()))
+    elif threads := cpu_threads_per_rank(os.environ, available_cpus()):  # CPU ranks sharing a node
+        torch.set_num_threads(threads)
     import deepspeed  # heavy: only when initialising a process group
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",

@@ -10,6 +10,7 @@ import sys
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
+from data_pipeline.stream import DataError, unlabelled
 from train.cli import config_of, config_parser, run_command
 from train.config import ConfigError
 from train.distributed import world_info_from_env
@@ -22,7 +23,12 @@ log = logging.getLogger("train")
 
 
 def end_of_run_eval(cfg, result) -> dict:
-    """k-NN / linear probe of the trained encoder next to a randomly initialised one."""
+    """k-NN / linear probe of the trained encoder next to a randomly initialised one (skipped without labels)."""
+    missing = unlabelled(cfg.data.train, "data.train") or unlabelled(cfg.data.val, "data.val")
+    if missing:
+        if world_info_from_env().rank == 0:
+            log.info("end-of-run evaluation skipped: %s", missing)
+        return {}
     module = result.engine.module
     device = next(module.parameters()).device
     torch.manual_seed(cfg.run.seed)
@@ -50,9 +56,13 @@ def main(argv=None) -> int:
     return run_command(lambda: pretrain(args), errors=(ConfigError, OutOfMemory))
 
 
-def pretrain(args) -> None:
+def pretrain(args) -> int | None:
     cfg = config_of(args)
-    result = train(cfg, build_method)
+    try:
+        result = train(cfg, build_method)
+    except (DataError, FloatingPointError) as err:  # bad data, non-finite loss, steps skipped in a row
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result.stopped_early:
         return
     if cfg.eval.at_end and cfg.data.val:

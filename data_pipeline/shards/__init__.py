@@ -37,7 +37,7 @@ import webdataset as wds
 from PIL import Image
 
 from data_pipeline.augment import IMAGE_KEYS, to_rgb
-from data_pipeline.stream import resolve_shards
+from data_pipeline.stream import key_and_extension, resolve_shards
 from train.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -405,14 +405,14 @@ class _HashingReader(io.RawIOBase):
         return self.digest.hexdigest()
 
 
-def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
+def _check_sample(files: dict[str, bytes], decode: bool, labels: bool = True) -> str | None:
     """What is wrong with one sample's files, or None."""
     ext = next((e for e in IMAGE_KEYS if e in files), None)
     if ext is None:
         return f"no image (files: {sorted(files)})"
     if not files[ext]:
         return f"empty {ext} file"
-    if not files.get("cls", b"").strip().isdigit():
+    if labels and not files.get("cls", b"").strip().isdigit():
         return f"no class index (cls: {files.get('cls')!r})"
     if decode:
         try:
@@ -424,7 +424,7 @@ def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
 
 def verify_shard(task: dict) -> dict:
     """Read one shard to its end: sha256, tar structure, every sample decodable; problems named by key."""
-    url, expected, decode = task["url"], task.get("count"), task["decode"]
+    url, expected, decode, labels = task["url"], task.get("count"), task["decode"], task.get("labels", True)
     problems, count = [], 0
 
     def report(key, files, reason):
@@ -445,11 +445,11 @@ def verify_shard(task: dict) -> dict:
             for member in tar:
                 if not member.isfile():
                     continue
-                name = os.path.basename(member.name)
-                prefix, _, ext = name.partition(".")
-                prefix = os.path.join(os.path.dirname(member.name), prefix)
+                prefix, ext = key_and_extension(member.name)  # the training stream's key rule
+                if prefix is None:
+                    continue
                 if prefix != key and key is not None:
-                    reason = _check_sample(files, decode)
+                    reason = _check_sample(files, decode, labels)
                     count += 1
                     if reason:
                         report(key, files, reason)
@@ -461,7 +461,7 @@ def verify_shard(task: dict) -> dict:
         files = {}
     if files:
         count += 1
-        reason = _check_sample(files, decode)
+        reason = _check_sample(files, decode, labels)
         if reason:
             report(key, files, reason)
     if expected is not None and count != expected:
@@ -471,18 +471,21 @@ def verify_shard(task: dict) -> dict:
     return {"url": url, "count": count, "problems": problems}
 
 
-def verify(spec: str, workers: int = 8, decode: bool = True) -> tuple[int, list[str]]:
-    """Verify a manifest's shards (or a shard pattern's) in parallel: (samples read, problems)."""
+def verify(spec: str, workers: int = 8, decode: bool = True, labels: bool = True) -> tuple[int, list[str]]:
+    """Verify a manifest's shards (or a shard pattern's) in parallel: (samples read, problems).
+
+    `labels=False` accepts samples without a class index (`cls`), as pretraining does.
+    """
     tasks = []
     if spec.endswith(".json"):
         manifest = json.loads(Path(spec).read_text()) if Path(spec).is_file() else None
         if manifest is None:
             raise FileNotFoundError(f"manifest not found: {spec}")
         urls = resolve_shards(spec, key="verify").urls
-        tasks = [{"url": u, "count": s["count"], "sha256": s.get("sha256"), "decode": decode}
+        tasks = [{"url": u, "count": s["count"], "sha256": s.get("sha256"), "decode": decode, "labels": labels}
                  for u, s in zip(urls, manifest["shards"])]
     else:
-        tasks = [{"url": u, "decode": decode} for u in resolve_shards(spec, key="verify").urls]
+        tasks = [{"url": u, "decode": decode, "labels": labels} for u in resolve_shards(spec, key="verify").urls]
     total, problems = 0, []
     with Pool(max(1, min(workers, len(tasks)))) as pool:
         for result in pool.imap(verify_shard, tasks):
@@ -491,3 +494,8 @@ def verify(spec: str, workers: int = 8, decode: bool = True) -> tuple[int, list[
     if spec.endswith(".json") and total != manifest["num_samples"]:
         problems.append(f"{spec}: {total} samples read, the manifest says {manifest['num_samples']}")
     return total, problems
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm allocation's), not the whole node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

@@ -3,12 +3,11 @@
 import argparse
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 
 from data_pipeline.shards import __doc__ as DOC
-from data_pipeline.shards import build_digits_shards, convert, folder_sources, list_sources, verify
+from data_pipeline.shards import available_cpus, build_digits_shards, convert, folder_sources, list_sources, verify
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +23,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in (p_folder, p_list):
         p.add_argument("out_dir")
         p.add_argument("--split", default="train")
-        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
+        p.add_argument("--workers", type=int, default=available_cpus(), help="worker processes (default: the CPUs "
+                       "this process may use)")
         p.add_argument("--max-bytes", type=float, default=256e6, help="target bytes per shard")
         p.add_argument("--max-count", type=int, default=0, help="at most this many samples per shard (0: no cap)")
         p.add_argument("--max-side", type=int, default=0, help="re-encode images whose longest side is larger")
@@ -32,8 +32,10 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("--seed", type=int, default=0, help="seed of the one-off file shuffle")
     p_verify = sub.add_parser("verify", help="check every shard of a manifest (or a shard pattern)")
     p_verify.add_argument("manifest")
-    p_verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p_verify.add_argument("--workers", type=int, default=available_cpus(), help="worker processes")
     p_verify.add_argument("--no-decode", action="store_true", help="check the tar structure only")
+    p_verify.add_argument("--no-labels", action="store_true",
+                          help="accept samples without a class index (.cls), e.g. img2dataset shards for pretraining")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
 
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{split}: {json.loads(path.read_text())['num_samples']} samples, manifest {path}")
         return 0
     if args.command == "verify":
-        total, problems = verify(args.manifest, args.workers, not args.no_decode)
+        total, problems = verify(args.manifest, args.workers, not args.no_decode, not args.no_labels)
         for problem in problems:
             print(problem)
         print(f"{args.manifest}: {total} samples read, {len(problems)} problems")

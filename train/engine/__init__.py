@@ -19,6 +19,7 @@ from train.engine.meter import Meter
 from train.engine.setup import (
     OutOfMemory,
     Run,
+    SkippedSteps,
     StopFlag,
     architecture,
     build_engine,
@@ -60,6 +61,7 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
     data = iter(run.loader)
     aux_data = {name: iter(aux) for name, aux in run.aux_loaders.items()}
     last_tag, stopped, batch = None, False, None
+    skips = SkippedSteps(cfg.train.max_skipped_steps, cfg.output_dir / "checkpoints", run.resumed_from)
     try:
         while step < run.total_steps:
             scheduled = run.schedule(step)
@@ -75,6 +77,7 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
                 engine.step()
                 meter.add(report)
             step += 1
+            skips.after_step(engine, step)
             meter.steps += 1
             method.on_step_end(step)
             if aux_data and step % method.aux_every == 0:
@@ -105,14 +108,16 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
                 run.monitor.images(step, method.visualize(batch))
             if save_now:
                 last_tag = run.save(step)
+                skips.saved(last_tag)
                 if evaluate is not None and not stopped:
                     run.monitor.scalars(step, evaluate(method, step), console=False)
                     meter.restart()  # checkpoint and evaluation time are not training throughput
             if stopped:
                 log.warning("stopped by signal at step %d; checkpoint %s", step, last_tag)
                 break
-        if batch is not None:
-            run.monitor.images(step, method.visualize(batch))
+        skips.finish(step)
+        if batch is not None and run.monitor.last_image_step != step:
+            run.monitor.images(step, method.visualize(batch))  # the final panel, unless the loop just wrote it
     except torch.OutOfMemoryError:
         raise OutOfMemory(out_of_memory_message(cfg, build_method, run.ds_config, run.world.world_size, step)) from None
     finally:

@@ -3,6 +3,7 @@ around the method it is handed, resume, data streams, monitor, compression sched
 
 import json
 import logging
+import math
 import signal
 import zlib
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
-from train.config import Config, ConfigError, resolve_path, save_config, to_dict
+from train.config import Config, ConfigError, check_data, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, global_batch, init_distributed
 from train.eval.online import OnlineMonitor
 from train.methods.base import Method
@@ -113,6 +114,42 @@ def build_engine(cfg: Config, build_method: Callable[[Config], Method], world_si
     return engine, optimizer, ds_config, peak_lr
 
 
+class SkippedSteps:
+    """Optimizer steps that left the weights unchanged count as failures, never as progress.
+
+    DeepSpeed's ZeRO optimizers skip a step whose gradients overflow (inf/nan norm) and carry on with
+    a finite loss, so a run could skip every step and still end "successfully". More than `limit` such
+    steps in a row, or a run in which no step was applied, stop with one line naming the step and
+    the last checkpoint written before the skipping began.
+    """
+
+    def __init__(self, limit: int, ckpt_dir: Path, good_tag: str | None):
+        self.limit, self.ckpt_dir, self.good_tag = limit, ckpt_dir, good_tag
+        self.in_row, self.applied, self.seen = 0, 0, 0
+
+    def after_step(self, engine, step: int) -> None:
+        norm = engine.get_global_grad_norm()  # a Python float when DeepSpeed found an overflow, else a tensor
+        skipped = not engine.was_step_applied() or (isinstance(norm, float) and not math.isfinite(norm))
+        self.seen += 1
+        self.in_row = self.in_row + 1 if skipped else 0
+        self.applied += not skipped
+        if self.in_row > self.limit:
+            raise FloatingPointError(self.message(f"{self.in_row} optimizer steps in a row up to step {step}"))
+
+    def saved(self, tag: str) -> None:
+        if self.in_row == 0:
+            self.good_tag = tag
+
+    def finish(self, step: int) -> None:
+        if self.seen and not self.applied:
+            raise FloatingPointError(self.message(f"every optimizer step of this run (to step {step})"))
+
+    def message(self, which: str) -> str:
+        return (f"DeepSpeed skipped {which}: the gradients overflowed or their norm is not finite; the last good "
+                f"checkpoint is {self.good_tag} in {self.ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, "
+                "or check the data (train.max_skipped_steps sets how many in a row are tolerated)")
+
+
 class StopFlag:
     """Set by SIGTERM/SIGUSR1 (Slurm preemption / time limit); agreed on by all ranks every step."""
 
@@ -179,6 +216,7 @@ class Run:
     diagnostic: GradientDiagnostic | None
     online: OnlineMonitor | None  # eval.every: the fixed data.val subset the encoder is scored on
     stop: StopFlag
+    resumed_from: str | None = None  # the checkpoint tag this run continues
 
     def schedule(self, step: int) -> dict[str, float]:
         """Set the optimizer's lr (and weight decay when it follows a schedule) for `step`; the logged values."""
@@ -212,11 +250,15 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
         out.mkdir(parents=True, exist_ok=True)
     if ensure_demo_shards(cfg.data, out / "shards", world.is_main):
         barrier()  # rank 0 wrote them
+    check_data(cfg)  # data.train / data.val readable: one ConfigError line, before the engine is built
     shards = resolve_shards(cfg.data.train)
     num_samples = cfg.data.num_samples or shards.num_samples
     total_steps, warmup_steps = total_steps_for(cfg, num_samples)
+    found = checkpoint.resolve_resume(cfg.run.resume, out / "checkpoints")
+    if found:
+        check_resume(cfg, *found, world.world_size)  # before any model is built
     engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size)
-    step, data_state, aux_state = resume(cfg, engine, world)
+    step, data_state, aux_state = resume(cfg, engine, world, found)
     method = engine.module
     if cfg.train.budget or cfg.train.budget_flops:
         total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps,
@@ -229,7 +271,8 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     if world.is_main:
         log_setup(cfg, method, total_steps, warmup_steps, ds_config, world.world_size, peak_lr)
         log.info("%s", expected_memory(cfg, build_method, ds_config, world.world_size))
-    monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std)
+    monitor = Monitor(out, world.is_main, total_steps, cfg.data.mean, cfg.data.std,
+                      resume_step=step if found else None)
     # compression: each micro-batch carries its step's Setting (a pure function of step / total_steps)
     compression = CompressionSchedule(cfg.compression, cfg.model.patch_size, total_steps)
     diagnostic = (GradientDiagnostic(lambda: build_method(cfg), device, use_bf16(cfg), seed=cfg.run.seed)
@@ -240,22 +283,30 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     method.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     return Run(cfg, world, device, engine, optimizer, peak_lr, total_steps, warmup_steps,
                ds_config["train_batch_size"], ds_config["gradient_accumulation_steps"], ds_config, step, loader,
-               aux_loaders, monitor, compression, diagnostic, online, StopFlag())
+               aux_loaders, monitor, compression, diagnostic, online, StopFlag(), found[1] if found else None)
 
 
-def resume(cfg: Config, engine, world: WorldInfo) -> tuple[int, dict | None, dict]:
-    """Load the checkpoint `run.resume` names, if any, after checking it was written by this method and model:
+def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None:
+    """Refuse, in one line and before any model is built, a checkpoint this run cannot continue."""
+    meta = checkpoint.read_meta(ckpt_dir, tag)
+    ours = {"model": architecture(cfg), "method": cfg.method.name}
+    if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
+        raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by method {meta.get('method')} with "
+                          f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
+    ranks = len(list((ckpt_dir / tag).glob("rank_*.pt")))
+    if ranks and ranks != world_size:
+        raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by {ranks} ranks and this run has {world_size}; "
+                          f"resume it with {ranks} ranks (the ZeRO optimizer state and the data positions are "
+                          "split per rank), or set run.resume='' with a new run.output_dir to start afresh")
+
+
+def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None) -> tuple[int, dict | None, dict]:
+    """Load the checkpoint `found` (`run.resume` resolved and checked by `check_resume`), if any:
     (step, this rank's data position, its aux streams' positions). A fresh run seeds the per-rank RNG."""
-    found = checkpoint.resolve_resume(cfg.run.resume, cfg.output_dir / "checkpoints")
     if not found:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
         return 0, None, {}
     resume_dir, tag = found
-    meta = checkpoint.read_meta(resume_dir, tag)
-    ours = {"model": architecture(cfg), "method": cfg.method.name}
-    if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
-        raise ConfigError(f"run.resume: {resume_dir / tag} was written by method {meta.get('method')} with "
-                          f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
     client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank)
     data_state, aux_state = None, {}
     if rank_state is not None:

@@ -15,6 +15,7 @@ run's mean/std) plus a `vitssl` section (method, step, architecture, the run's c
 
 import argparse
 import logging
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -59,6 +60,16 @@ def build_timm_model(name: str, kwargs: dict, state: dict[str, torch.Tensor], wh
     return model.eval()
 
 
+def plain_file_modes(folder: Path) -> None:
+    """Give the written files the mode a plain `open` gives (0644 under the usual umask): safetensors writes
+    its file 0600, so a group sharing the export could not read it."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
+
+
 def export(source_path: str | Path, out_dir: str | Path, encoder_only: bool = False, student: bool = False) -> Path:
     """Write the timm folder for `source_path` into `out_dir` (atomically: a crash leaves no half export)."""
     source = resolve_source(source_path, "source")
@@ -77,6 +88,7 @@ def export(source_path: str | Path, out_dir: str | Path, encoder_only: bool = Fa
                 data_config={"mean": tuple(mean), "std": tuple(std), "interpolation": "bicubic", "crop_pct": 0.875},
                 model_config={"vitssl": meta,
                               "pretrained_cfg": {"tag": f"vitssl_{source.meta.get('method')}_{source.tag}"}})
+    plain_file_modes(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
     parts = "encoder" + (" + classifier head" if any(k.startswith(HEAD_PREFIXES) for k in state) else "")

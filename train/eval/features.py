@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader
 
 from data_pipeline.augment import EvalView
 from data_pipeline.batch import to_device
-from data_pipeline.stream import EvalStream, resolve_shards
+from data_pipeline.stream import EvalStream, die_with_parent, resolve_shards
 from train import distributed
 from train.models.vit import pooled_features
 
@@ -24,7 +24,8 @@ def eval_batches(shards: str, img_size: int, mean, std, device: torch.device, ba
     rank, world_size = distributed.rank(), distributed.world_size()
     stream = EvalStream(resolve_shards(shards, key).urls, EvalView(img_size), batch_size, rank, world_size)
     # its own generator: starting workers must not draw from (and shift) the global RNG of a training run
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator()))
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                              worker_init_fn=die_with_parent))
     while True:
         batch = next(batches, None)
         if world_size > 1:

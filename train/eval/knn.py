@@ -8,7 +8,7 @@ exports: DINO's teacher, or with `--student` its student); train/val default to 
 run was trained on. Memory stays bounded on ImageNet-size sets: every rank holds the (gathered)
 validation features, streams its share of the train set through the encoder batch by batch and
 keeps only each validation sample's k nearest train neighbours; the ranks' neighbour lists are
-then merged. Results go to <run>/eval/knn_<tag>.json and TensorBoard (<run>/tb, eval/knn_*).
+then merged. Results go to <run>/eval/knn_<tag>_<pool>.json and TensorBoard (<run>/tb, eval/knn_*).
 """
 
 import argparse
@@ -16,8 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from data_pipeline.shards import num_classes_of
-from data_pipeline.stream import resolve_shards
+from data_pipeline.shards import available_cpus, num_classes_of
+from data_pipeline.stream import unlabelled
 from train.cli import USER_ERRORS, run_command
 from train.distributed import device_for, init_distributed
 from train.eval.metrics import knn_evaluate
@@ -37,7 +37,8 @@ def parse_args(argv):
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument("--pool", choices=("token", "avg"), default="token", help="class token or mean of patches")
     parser.add_argument("--batch-size", type=int, default=256, help="per rank")
-    parser.add_argument("--workers", type=int, default=4, help="DataLoader workers per rank")
+    parser.add_argument("--workers", type=int, default=min(4, available_cpus()),
+                        help="DataLoader workers per rank (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--out", help="results directory (default: the run dir, or the export dir)")
     parser.add_argument("--student", action="store_true", help="the trained encoder of a method that evaluates "
                         "another one (DINO: the student instead of the teacher)")
@@ -56,7 +57,10 @@ def run_knn(args) -> None:
     train, val = args.train or source.data_value("train"), args.val or source.data_value("val")
     if not train or not val:
         raise ValueError(f"--train/--val: give labelled shards; {source.path} records no data.train/data.val")
-    resolve_shards(train, "--train"), resolve_shards(val, "--val")  # a missing shard fails before the model loads
+    for spec, key in ((train, "--train"), (val, "--val")):  # a missing shard or label fails before the model loads
+        missing = unlabelled(spec, key)
+        if missing:
+            raise ValueError(f"{missing}; k-NN needs labelled shards")
     device = device_for(info)
     encoder = load_encoder(source, METHODS, student=args.student).to(device)
     mean, std = source.data_value("mean", (0.485, 0.456, 0.406)), source.data_value("std", (0.229, 0.224, 0.225))
@@ -66,7 +70,7 @@ def run_knn(args) -> None:
                   train=train, val=val, pool=args.pool, temperature=args.temperature)
     scalars = {f"eval/knn_{t}_k{k}": result[f"k{k}"][t] for k in args.k for t in ("top1", "top5")
                if t in result[f"k{k}"]}
-    write_results(Path(args.out) if args.out else source.run_dir, f"knn_{source.tag}", result, scalars,
+    write_results(Path(args.out) if args.out else source.run_dir, f"knn_{source.tag}_{args.pool}", result, scalars,
                   result["step"] or 0)
     if info.is_main:
         for k in args.k:

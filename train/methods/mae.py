@@ -25,8 +25,13 @@ class MAEConfig:
     decoder_heads: int = 16
 
     def validate(self, cfg: Config) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in [0, 1)")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in (0, 1): the loss is over the masked "
+                              "patches")
+        patches = (cfg.model.img_size // cfg.model.patch_size) ** 2
+        if patches - int(patches * (1 - self.mask_ratio)) < 1:
+            raise ConfigError(f"method.mask_ratio={self.mask_ratio} masks none of the {patches} patches; the loss is "
+                              "over the masked patches")
         if self.decoder_dim % self.decoder_heads:
             raise ConfigError(f"method.decoder_dim={self.decoder_dim} is not divisible by "
                               f"method.decoder_heads={self.decoder_heads}")

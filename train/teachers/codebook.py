@@ -22,8 +22,8 @@ from torch.utils.data import DataLoader
 
 from data_pipeline.augment import EvalView
 from data_pipeline.batch import to_device
-from data_pipeline.shards import ensure_demo_shards
-from data_pipeline.stream import EvalStream, resolve_shards
+from data_pipeline.shards import available_cpus, ensure_demo_shards
+from data_pipeline.stream import EvalStream, die_with_parent, resolve_shards
 from train.cli import config_of, config_parser, run_command
 from train.config import Config, ConfigError
 from train.teachers.clip import FrozenTeacher
@@ -41,7 +41,7 @@ def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, devi
     stream = EvalStream(shards.urls, EvalView(cfg.model.img_size), batch_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     feats, count = [], 0
-    for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+    for batch in DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=die_with_parent):
         images = to_device(batch, device, cfg.data.mean, cfg.data.std)["images"]
         patches = teacher(images)[1].flatten(0, 1)
         patches = patches[torch.rand(len(patches), generator=gen, device=device) < keep]
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--iters", type=int, default=20, help="Lloyd iterations (20, as MaPeT's faiss k-means)")
     parser.add_argument("--init", default="kmeans++", choices=["kmeans++", "random"])
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=min(4, available_cpus()),
+                        help="DataLoader workers per rank (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_intermixed_args(argv)
     return run_command(lambda: fit_command(args))
