@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_pipeline.stream import to_device
-from train.config import load_config
+from data_pipeline.batch import synthetic_batch
 from train.distributed import init_distributed
 from train.engine import build_engine, use_bf16
-from train.methods import METHODS, build_method
+from train.methods import METHODS, Method, build_method
 from train.models.vit import ViTEncoder
 from train.monitor import gpu_peak_flops
-from train.optim import make_optimizer, param_groups
+from train.optim import make_optimizer, param_groups, peak_lr
+from train.recipe import load_config
 from train.speed import compile_blocks, enable_fast_kernels
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,6 +63,10 @@ def overrides_for(model: str, method: str, backend: str, batch_size: int, compil
     out.append("method.name=" + {"full": "full_token"}.get(method, method))
     if model == "tiny" and method == "mae":
         out += ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
+    if method == "dino":  # 2 global crops + data.local_crops (8) local ones of data.local_size (96) px
+        out.append("data.views=dino")
+        if model == "tiny":
+            out += ["data.local_size=8", "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"]
     if backend != "plain":
         out.append(f"train.deepspeed=ds_configs/{backend}.json")
     if compile_backend and backend != "zero3":  # torch.compile cannot trace ZeRO-3's gathering hooks
@@ -76,7 +80,7 @@ class FullTokenConfig:
     num_classes: int = 1000
 
 
-class FullToken(nn.Module):
+class FullToken(Method):
     """The `full` workload: encoder on all patch tokens, linear head on their mean, cross-entropy on the labels."""
 
     Config = FullTokenConfig
@@ -91,29 +95,48 @@ class FullToken(nn.Module):
         loss = F.cross_entropy(logits.float(), batch["labels"])
         return loss, {"loss": loss.detach()}
 
-    def flops_per_image(self):
+    def flops_per_image(self, compression=None):
         return 3 * self.encoder.forward_flops(self.encoder.num_patches)
 
-    def tokens_per_image(self):
+    def tokens_per_image(self, compression=None):
         return self.encoder.num_patches
 
 
-def synthetic_batch(cfg, device):
-    """A batch of the method's views (the batch contract in DESIGN.md), normalised on the device."""
-    g = torch.Generator().manual_seed(0)
-    b, size, d = cfg.data.batch_size, cfg.model.img_size, cfg.data
+def build_step(cfg, plain: bool, device: torch.device):
+    """(step(batch, i) -> loss, the method module, the optimizer) for one configuration.
 
-    def pixels(*shape):
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
+    `plain`: plain PyTorch (the same method, optimizer and step; bf16 autocast when the run is bf16);
+    else the engine with the `train.deepspeed` config of `cfg`.
+    """
+    if plain:
+        torch.manual_seed(cfg.run.seed)
+        module = build_method(cfg).to(device)
+        if cfg.train.compile:
+            compile_blocks(module, cfg.train.compile)
+        lr = peak_lr(cfg.optim.base_lr, cfg.data.batch_size)  # the engine's rule
+        optimizer = make_optimizer(param_groups(module, cfg.optim.weight_decay), lr, cfg.optim.betas, cpu_offload=False)
+        bf16 = use_bf16(cfg)
 
-    host = {"labels": torch.randint(0, 1000, (b,), generator=g)}
-    if d.views == "single":
-        host["images"] = pixels(b, 3, size, size)
-    else:
-        host["views"] = pixels(b, 2, 3, size, size)
-    if d.views == "dino":
-        host["local_views"] = pixels(b, d.local_crops, 3, d.local_size, d.local_size)
-    return to_device(host, device, d.mean, d.std)
+        def step(batch, i):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                loss, _ = module(batch, i)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if hasattr(module, "on_step_end"):
+                module.on_step_end(i + 1)
+            return loss
+        return step, module, optimizer
+    engine, optimizer, *_ = build_engine(cfg, build_method, world_size=1)
+
+    def step(batch, i):
+        loss, _ = engine(batch, i)
+        engine.backward(loss)
+        engine.step()
+        if hasattr(engine.module, "on_step_end"):
+            engine.module.on_step_end(i + 1)
+        return loss
+    return step, engine.module, optimizer
 
 
 def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
@@ -128,37 +151,13 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
     device = torch.device("cuda" if cuda else "cpu")
     if cuda:
         enable_fast_kernels()
-    if plain:
-        torch.manual_seed(cfg.run.seed)
-        module = build_method(cfg).to(device)
-        if cfg.train.compile:
-            compile_blocks(module, cfg.train.compile)
-        lr = cfg.optim.base_lr * cfg.data.batch_size / 256  # the engine's rule
-        optimizer = make_optimizer(param_groups(module, cfg.optim.weight_decay), lr, cfg.optim.betas, cpu_offload=False)
-        bf16 = use_bf16(cfg)
-
-        def step(batch, i):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                loss, _ = module(batch, i)
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            return loss
-    else:
-        engine, *_ = build_engine(cfg, world_size=1)
-        module = engine.module
-
-        def step(batch, i):
-            loss, _ = engine(batch, i)
-            engine.backward(loss)
-            engine.step()
-            return loss
+    step, module, _ = build_step(cfg, plain, device)
 
     def sync():
         if cuda:
             torch.cuda.synchronize()
 
-    batch = synthetic_batch(cfg, device)
+    batch = synthetic_batch(cfg.data, cfg.model.img_size, device)
     torch.manual_seed(1)  # the same masking noise for every backend
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -192,17 +191,20 @@ def measure(overrides: list[str], plain: bool, steps: int, warmup: int) -> dict:
     return result
 
 
-def run_cell(model, method, backend, args) -> dict:
-    """One measurement in a fresh process; an error (e.g. out of memory) becomes the cell's text."""
+def run_cell(model, method, backend, args, timeout: float | None = None) -> dict:
+    """One measurement in a fresh process; an error (e.g. out of memory, over `timeout` s) becomes the cell's text."""
     batch = args.batch_size or (BATCH[method] if method == "mae" else BATCH["full"].get(model, 64))
     if model == "tiny":
         batch = args.batch_size or 16
     cell = {"model": model, "method": method, "backend": backend, "batch_size": batch}
     overrides = overrides_for(model, method, backend, batch, args.compile, args.grad_checkpointing)
     spec = json.dumps({"overrides": overrides, "plain": backend == "plain"})
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.step_throughput", "--cell", spec,
-                           "--steps", str(args.steps), "--warmup", str(args.warmup)],
-                          cwd=REPO, capture_output=True, text=True)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "benchmarks.step_throughput", "--cell", spec,
+                               "--steps", str(args.steps), "--warmup", str(args.warmup)],
+                              cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**cell, "error": f"timed out after {timeout:.0f} s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode == 0 and lines:
         return {**cell, **json.loads(lines[-1][len(RESULT):])}
@@ -249,6 +251,15 @@ def target_checks(results: list[dict]) -> list[str]:
     if full_l:
         lines.append(f"{'PASS' if max(full_l) >= 0.55 else 'FAIL'} full-token ViT-L engine MFU {max(full_l):.3f} "
                      "(target >= 0.55)")
+    z3, base = ok.get(("vit_l16", "full", "zero3")), ok.get(("vit_l16", "full", "plain"))
+    if z3 and base:
+        ratio = z3["img_per_s"] / base["img_per_s"]
+        lines.append(f"{'PASS' if ratio >= 0.9 else 'FAIL'} ZeRO-3 full-token vit_l16 {ratio:.3f}x plain "
+                     "(target >= 0.9x)")
+    dino = [r["img_per_s"] for (m, meth, b), r in ok.items() if (m, meth) == ("vit_l16", "dino")]
+    if dino:
+        lines.append(f"{'PASS' if max(dino) >= 300 else 'FAIL'} DINO ViT-L/16 (2x224 + 8x96) {max(dino):.0f} img/s "
+                     "per GPU (target >= 300)")
     return lines
 
 

@@ -12,17 +12,24 @@ loader knows which reader produced each batch and checkpoints every reader's pos
 next reader in turn. Every rank's stream is infinite, so all ranks run the same number of steps.
 
 With a `device`, the loader also moves each batch there (the views' own `to_device` when they decode
-on the device, else `to_device` below), one batch ahead on a side CUDA stream so the copy and decode
+on the device, else `data_pipeline.batch.to_device`), one batch ahead on a side CUDA stream so the copy and decode
 overlap the training step; a batch's position is committed only when it is handed out.
 
 Corrupt, empty or undecodable images and truncated tars are skipped and counted, never fatal.
 """
 
+import ctypes
+import ctypes.util
+import functools
+import glob
 import json
 import logging
 import math
+import os
 import random
+import re
 import signal
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,12 +39,47 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.filters import _shuffle
 from webdataset.shardlists import expand_urls
-from webdataset.tariterators import tarfile_samples
+from webdataset.tariterators import group_by_keys, tar_file_expander, url_opener
 
-from data_pipeline.augment import decode_image
+from data_pipeline.augment import IMAGE_KEYS, decode_image
+from data_pipeline.batch import to_device
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MAX_EMPTY_SEGMENTS = 20  # consecutive segments without a readable sample before giving up
+MAX_BAD_IN_ROW = 200  # consecutive samples that fail to decode before giving up
+
+
+class DataError(RuntimeError):
+    """The data cannot feed training (nothing readable, nothing decodable); the message is one line."""
+
+
+def key_and_extension(name: str) -> tuple[str | None, str | None]:
+    """A tar member's (sample key, extension): the name up to its last dot, and what follows it.
+
+    webdataset's default rule splits at the first dot of the file name, so the files of ImageNet- or
+    img2dataset-style samples such as `n01440764_10026.JPEG.jpg` would get the extension `jpeg.jpg`
+    and no image would ever be found. Multi-part extensions (`x.seg.png`) are not used by these shards.
+    """
+    base, dot, ext = name.rpartition(".")
+    if not dot or not ext or "/" in ext or not base or base.endswith("/"):
+        return None, None
+    return base, ext
+
+
+def tar_samples(urls: list[str], handler: Callable[[BaseException], bool]) -> Iterator[dict]:
+    """The samples of tar shards `urls` in order: webdataset's tarfile_samples with `key_and_extension`."""
+    streams = url_opener(({"url": url} for url in urls), handler=handler)
+    return group_by_keys(tar_file_expander(streams, handler=handler), keys=key_and_extension, handler=handler)
+
+
+def why_undecodable(raw: dict, err: BaseException) -> str:
+    """The reason a sample gave no image, in words, with the likely cause when the sample has no image file."""
+    files = sorted(k for k in raw if not k.startswith("__"))
+    if not any(k in raw for k in IMAGE_KEYS):
+        return (f"no image file among its files {files} (an image is one of the extensions {list(IMAGE_KEYS)}; "
+                f"keys are the file name up to its last dot, e.g. {raw.get('__key__')}.jpg)")
+    return str(err)
 
 
 @dataclass
@@ -52,27 +94,61 @@ def _is_local(url: str) -> bool:
 
 
 def resolve_shards(spec: str, key: str = "data.train") -> ShardSet:
-    """Shard URLs from a manifest .json (written by data_pipeline.shards) or a brace pattern.
+    """Shard URLs from a manifest .json (written by data_pipeline.shards) or a pattern.
 
-    Local shards are checked up front: a missing one is an error naming it and the config key.
+    Patterns are webdataset's: braces (`train-{000000..000099}.tar`) and `::`-separated lists
+    (`a.tar::b-{0..3}.tar`), plus shell globs for local files (`/data/train-*.tar`, sorted).
+    Local shards are checked up front: a missing or unreadable one is an error naming it and the config key.
     """
     if not spec:
         raise ValueError(f"{key} is empty: give a manifest .json or a shard pattern")
+    path = Path(spec)
+    if _is_local(spec) and path.is_dir():
+        manifests = sorted(p.name for p in path.glob("*.json"))
+        hint = f"its manifest, e.g. {path / manifests[0]}" if manifests else "a manifest .json"
+        raise ValueError(f"{key}: {spec} is a directory; give {hint}, or a shard pattern such as "
+                         f"{path / 'train-{000000..000099}.tar'}")
     if spec.endswith(".json"):
-        path = Path(spec)
         if not path.is_file():
             raise FileNotFoundError(f"{key}: manifest not found: {spec}")
-        manifest = json.loads(path.read_text())
-        urls = [s["url"] if not _is_local(s["url"]) else str(path.parent / s["url"]) for s in manifest["shards"]]
+        try:
+            manifest = json.loads(path.read_text())
+            urls = [s["url"] if not _is_local(s["url"]) else str(path.parent / s["url"]) for s in manifest["shards"]]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"{key}: {spec} is not a readable shard manifest ({type(err).__name__}: {err})") from None
         shards = ShardSet(urls, manifest.get("num_samples"), manifest.get("classes"))
     else:
-        shards = ShardSet(expand_urls(spec))
-    missing = [u for u in shards.urls if _is_local(u) and not Path(u).is_file()]
-    if missing:
-        raise FileNotFoundError(f"{key}: shard not found: {missing[0]} ({len(missing)} of {len(shards.urls)} missing)")
+        urls = []
+        for url in expand_urls(spec):
+            globbed = _is_local(url) and any(c in url for c in "*?[")
+            urls += sorted(glob.glob(url)) if globbed else [url]
+        shards = ShardSet(urls)
     if not shards.urls:
         raise ValueError(f"{key}: {spec!r} names no shards")
+    local = [u for u in shards.urls if _is_local(u)]
+    missing = [u for u in local if not Path(u).is_file()]
+    if missing:
+        what = "not a file" if Path(missing[0]).exists() else "shard not found"
+        raise FileNotFoundError(f"{key}: {what}: {missing[0]} ({len(missing)} of {len(shards.urls)} missing)")
+    unreadable = [u for u in local if not os.access(u, os.R_OK)]
+    if unreadable:
+        raise PermissionError(f"{key}: shard not readable (permissions): {unreadable[0]} "
+                              f"({len(unreadable)} of {len(shards.urls)})")
     return shards
+
+
+def unlabelled(spec: str, key: str = "data.val") -> str | None:
+    """Why `spec` cannot be used where class labels are needed (its first sample has no `cls`), or None.
+
+    Reads one sample of the first shard only, so commands check before encoding anything.
+    """
+    first = next(iter(tar_samples(resolve_shards(spec, key).urls[:1], SkipCounter())), None)
+    if first is None:
+        return f"{key}: no readable sample in the first shard of {spec}"
+    if "cls" not in first:
+        files = sorted(k for k in first if not k.startswith("__"))
+        return f"{key}: {spec} has no class labels (its samples have no .cls file, only {files})"
+    return None
 
 
 def mix_seed(*parts: int) -> int:
@@ -80,27 +156,96 @@ def mix_seed(*parts: int) -> int:
     return int(np.random.SeedSequence([int(p) & 0xFFFFFFFF for p in parts]).generate_state(1)[0])
 
 
-class SkipCounter:
-    """webdataset error handler that logs and counts instead of crashing (no sleep, unlike warn_and_continue)."""
+TAR_PROBLEMS = {  # tarfile's words -> what they mean for a shard
+    "unexpected end of data": "truncated shard (the tar ends inside a file)",
+    "empty file": "empty shard (no bytes)",
+    "invalid header": "not a tar file (invalid header)",
+    "bad checksum": "damaged tar header (bad checksum)",
+}
 
-    def __init__(self, count: int = 0):
-        self.count = count
+
+def describe_skip(exn: BaseException) -> str:
+    """One readable line for a skipped sample or shard: where (shard, key) and why, in words.
+
+    webdataset appends the stream object and the URL to an exception's args; those reprs (and the
+    ` @ <_io.BufferedReader ...>` it adds to messages) are replaced by the shard's URL.
+    """
+    args = [a for a in getattr(exn, "args", ()) if a is not None]
+    if not args:
+        return type(exn).__name__
+    first = exn.strerror if isinstance(exn, OSError) and exn.strerror else str(args[0])
+    message, _, stream = first.partition(" @ <")
+    urls = [a for a in args[1:] if isinstance(a, str)] + re.findall(r"name='([^']*)'", stream)
+    reason = TAR_PROBLEMS.get(message, message)
+    return f"{urls[-1]}: {reason}" if urls and urls[-1] not in message else reason
+
+
+class SkipCounter:
+    """webdataset error handler that logs and counts instead of crashing (no sleep, unlike warn_and_continue).
+
+    One line per skipped sample or shard (`describe_skip`); the same problem reported again at once by the
+    next layer of webdataset's reader (a truncated tar raises in the member loop and in the shard loop) is
+    counted once. `quiet`: count only (an evaluation reading shards the training already reported).
+    """
+
+    def __init__(self, count: int = 0, quiet: bool = False):
+        self.count, self.quiet, self.last = count, quiet, None
 
     def __call__(self, exn: BaseException) -> bool:
+        what = describe_skip(exn)
+        if what == self.last:
+            return True
+        self.last = what
         self.count += 1
-        if self.count <= 10 or self.count % 1000 == 0:
-            log.warning("skipped bad data (%d so far): %s", self.count, exn)
+        if not self.quiet and (self.count <= 10 or self.count % 1000 == 0):
+            log.warning("skipped (%d so far): %s", self.count, what)
         return True
 
+    def ok(self) -> None:
+        """A sample decoded: a problem met again from here on is a new one (e.g. the next pass over a shard)."""
+        self.last = None
 
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader workers leave SIGTERM/SIGUSR1 to the training process, which checkpoints and then stops them.
+
+def die_with_parent(worker_id: int = 0) -> None:
+    """Have the kernel kill this process when its parent dies, even by kill -9 (Linux; elsewhere a no-op).
+
+    Usable as a DataLoader `worker_init_fn`.
+
+    torch's worker loop also polls its parent, but only between samples: a worker blocked on a
+    `pipe:` command or a slow file system would otherwise outlive a killed training process.
+    """
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        return
+
+
+def _exit_on_parent_sigterm(parent: int) -> None:
+    """Wait for SIGTERM (blocked in every thread); exit at once if the parent sent it, otherwise ignore it."""
+    while True:
+        info = signal.sigwaitinfo({signal.SIGTERM})
+        if info.si_pid == parent:
+            os._exit(0)
+
+
+def ignore_stop_signals(worker_id: int, parent: int | None = None) -> None:
+    """DataLoader worker setup: leave preemption signals to the training process, never outlive it.
 
     Slurm signals every process of a job step, workers included; a worker killed by it would make
-    the DataLoader raise in the middle of the step that is about to write the checkpoint.
+    the DataLoader raise in the middle of the step that is about to write the checkpoint. So SIGUSR1
+    is ignored and SIGTERM is ignored unless it comes from the training process (`parent`): that is
+    how torch and multiprocessing stop workers when the training process exits, after an error too
+    (torch's own worker handler, which this replaces, exits on its parent's SIGTERM the same way).
+    A plain SIG_IGN would make that exit wait forever for workers that never stop.
     """
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    parent = os.getppid() if parent is None else parent
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # inherited by threads started from here on
+    threading.Thread(target=_exit_on_parent_sigterm, args=(parent,), daemon=True, name="sigterm-watch").start()
+    die_with_parent()
+    if os.getppid() != parent:  # the parent died before the death signal was armed
+        os._exit(1)
 
 
 def collate(samples: list[dict]) -> dict:
@@ -142,7 +287,7 @@ class ShardStream(IterableDataset):
 
     def raw_samples(self, reader: int, segment: int, handler: SkipCounter) -> Iterator[dict]:
         shards = self.segment_shards(reader, segment)
-        samples = tarfile_samples(iter([{"url": u} for u in shards]), handler=handler)
+        samples = tar_samples(shards, handler)
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, self.rank, reader, segment, 2))
             samples = _shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=rng)
@@ -157,13 +302,19 @@ class ShardStream(IterableDataset):
         return views
 
     def __iter__(self) -> Iterator[dict]:
+        try:
+            yield from self.batches()
+        except DataError as err:  # handed to the training process as a batch: one line there, not a worker traceback
+            yield {"_error": str(err)}
+
+    def batches(self) -> Iterator[dict]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         reader = (worker + self.rotation) % self.num_readers
         segment, start, skipped = self.positions.get(reader, (0, 0, 0))
         handler = SkipCounter(skipped)
         batch: list[dict] = []
-        empty = 0
+        empty, bad_in_row = 0, 0
         while True:
             read_any = False
             for index, raw in enumerate(self.raw_samples(reader, segment, handler)):
@@ -174,7 +325,14 @@ class ShardStream(IterableDataset):
                     batch.append(self.make_views(raw, mix_seed(self.seed, self.rank, reader, segment, index)))
                 except Exception as err:
                     handler(err)
+                    bad_in_row += 1
+                    if bad_in_row >= MAX_BAD_IN_ROW:
+                        raise DataError(f"rank {self.rank} reader {reader}: {bad_in_row} samples in a row could not "
+                                        f"be decoded; the last, {raw.get('__key__')} in {raw.get('__url__')}: "
+                                        f"{why_undecodable(raw, err)}") from None
                     continue
+                bad_in_row = 0
+                handler.ok()
                 if len(batch) == self.batch_size:
                     out = self.collate(batch)
                     out["_position"] = torch.tensor([reader, segment, index + 1, handler.count])
@@ -182,8 +340,8 @@ class ShardStream(IterableDataset):
                     batch = []
             empty = 0 if read_any else empty + 1
             if empty >= MAX_EMPTY_SEGMENTS:
-                raise RuntimeError(f"rank {self.rank} reader {reader}: {empty} segments in a row without a readable "
-                                   f"sample; check the shards (e.g. {self.segment_shards(reader, segment)[0]})")
+                raise DataError(f"rank {self.rank} reader {reader}: {empty} segments in a row without a readable "
+                                f"sample; check the shards (e.g. {self.segment_shards(reader, segment)[0]})")
             segment, start = segment + 1, 0
 
 
@@ -223,7 +381,7 @@ class StreamLoader:
         # its own generator: starting the workers must not draw from (and shift) the global torch RNG
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, generator=torch.Generator(),
-                                 worker_init_fn=ignore_stop_signals)
+                                 worker_init_fn=functools.partial(ignore_stop_signals, parent=os.getpid()))
 
     @property
     def samples_seen(self) -> int:
@@ -270,6 +428,8 @@ class StreamLoader:
         side_stream = torch.cuda.Stream(self.device) if on_cuda else None
         pending = None
         for host_batch in self.loader:
+            if "_error" in host_batch:
+                raise DataError(host_batch["_error"])
             position = host_batch.pop("_position").tolist()
             batch, ready = self._to_device(host_batch, side_stream)
             if pending is not None:
@@ -290,7 +450,7 @@ class EvalStream(IterableDataset):
     def __init__(self, urls: list[str], views: Callable, batch_size: int, rank: int = 0, world_size: int = 1):
         self.urls, self.views, self.batch_size = list(urls), views, batch_size
         self.rank, self.world_size = rank, world_size
-        self.skipped = SkipCounter()
+        self.skipped = SkipCounter(quiet=True)
 
     def assignment(self, slot: int, slots: int) -> list[tuple[str, int, int]]:
         """(shard url, stride, offset) triples reader `slot` of `slots` reads: samples with index % stride == offset."""
@@ -305,7 +465,7 @@ class EvalStream(IterableDataset):
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         batch = []
         for url, stride, offset in self.assignment(self.rank * workers + worker, self.world_size * workers):
-            for index, raw in enumerate(tarfile_samples(iter([{"url": url}]), handler=self.skipped)):
+            for index, raw in enumerate(tar_samples([url], self.skipped)):
                 if index % stride != offset:
                     continue
                 try:
@@ -313,6 +473,7 @@ class EvalStream(IterableDataset):
                 except Exception as err:
                     self.skipped(err)
                     continue
+                self.skipped.ok()
                 views["labels"] = int(raw.get("cls", -1))
                 batch.append(views)
                 if len(batch) == self.batch_size:
@@ -320,16 +481,3 @@ class EvalStream(IterableDataset):
                     batch = []
         if batch:
             yield collate(batch)
-
-
-def to_device(batch: dict, device: torch.device, mean, std) -> dict:
-    """Move a batch to `device`; uint8 images (..., 3, H, W) become float, scaled to [0, 1] and normalised there."""
-    mean = torch.tensor(mean, device=device).view(-1, 1, 1)
-    std = torch.tensor(std, device=device).view(-1, 1, 1)
-    out = {}
-    for key, value in batch.items():
-        value = value.to(device, non_blocking=True)
-        if value.dtype == torch.uint8 and value.ndim >= 4:
-            value = (value.float().div_(255) - mean) / std
-        out[key] = value
-    return out

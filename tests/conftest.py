@@ -1,47 +1,13 @@
-import json
+"""Fixtures every test module can use (the plain helpers are in helpers.py; tiny per-method settings in tiny/)."""
+
 import os
-import shutil
 from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-REPO = Path(__file__).resolve().parents[1]
-
-# A tiny run: 16x16 images, 4x4 patches, 2 blocks of width 32. A step takes milliseconds on CPU.
-TINY = [
-    "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2", "model.num_heads=2",
-    "data.batch_size=8", "data.workers=0", "data.shuffle_buffer=64", "data.crop_scale=[0.5,1.0]",
-    "optim.base_lr=5e-2", "optim.warmup_steps=2", "run.log_every=1", "eval.at_end=false",
-]
-
-
-# method-specific tiny settings, applied by make_cfg when the run selects that method
-TINY_METHOD = {
-    "mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
-    "hpm": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"],
-    "mlo_mae": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2", "method.mask_net_dim=16",
-                "method.mask_net_depth=1", "method.mask_net_heads=2", "method.hyper_every=1",
-                "method.head_base_lr=0.5", "method.mask_base_lr=0.5"],
-    "mapet": ["method.num_visible=4", "method.num_codes=16", "method.teacher.num_heads=2"],
-    "digpt": ["method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2",
-              "method.teacher.num_heads=2"],
-    "moco_v3": ["data.views=moco_v3", "method.proj_dim=16", "method.mlp_dim=32"],
-    "simclr": ["data.views=simclr", "method.proj_hidden_dim=32", "method.proj_dim=16"],
-    "dino": ["data.views=dino", "data.local_crops=2", "data.local_size=8", "data.local_crop_scale=[0.2,0.5]",
-             "method.out_dim=64", "method.hidden_dim=32", "method.bottleneck_dim=16"],
-}
-
-# a tiny CLIP image tower: timm's vit_base_patch16_clip_224 layout (pre-norm, LayerNorm eps 1e-5) at 16 px,
-# 4 px patches, width 32, 2 blocks, 2 heads, a 24-d output projection
-TINY_CLIP = dict(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, num_classes=24)
-
-
-def tiny_overrides(overrides=()) -> list[str]:
-    """TINY plus the tiny settings of the method named in `overrides` (MAE when none is named)."""
-    names = [o.split("=", 1)[1] for o in overrides if o.startswith("method.name=")]
-    return TINY + TINY_METHOD.get(names[-1] if names else "mae", [])
+from helpers import TINY_CLIP, timm_to_openai_clip, tiny_overrides  # noqa: E402 (after DS_ACCELERATOR)
 
 
 @pytest.fixture(scope="session")
@@ -51,76 +17,6 @@ def digits_dir(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("digits")
     build_digits_shards(out)
-    return out
-
-
-def timm_to_openai_clip(state: dict) -> dict:
-    """A timm CLIP tower's state dict under OpenAI / open_clip names (`visual.*`), as their checkpoints hold it."""
-    names = [("patch_embed.proj", "conv1"), ("norm_pre", "ln_pre"), ("blocks.", "transformer.resblocks."),
-             ("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.qkv.", "attn.in_proj_"), ("attn.proj", "attn.out_proj"),
-             ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]
-    out = {}
-    for key, value in state.items():
-        if key == "cls_token":
-            key, value = "class_embedding", value.flatten()
-        elif key == "pos_embed":
-            key, value = "positional_embedding", value[0]
-        elif key == "head.weight":
-            key, value = "proj", value.T
-        elif key == "head.bias":
-            assert not value.any()  # CLIP's projection has no bias
-            continue
-        elif key.startswith("norm."):
-            key = key.replace("norm.", "ln_post.")
-        for ours, theirs in names:
-            key = key.replace(ours, theirs)
-        out["visual." + key] = value.clone()
-    return out
-
-
-def tiny_resnet_clip(num_classes: int = 24):
-    """A randomly initialised CLIP ResNet of RN50x64's structure (timm's `resnet50x64_clip` = OpenAI's
-    ModifiedResNet: 3-conv stem + avg pool, bottleneck stages with avg-pool anti-aliasing, attention pool,
-    output stride 32) at tiny widths (stem 8/8/16, stages 32/64/128/256) and depths (1/2/1/1), for 448 px
-    inputs (a 14 x 14 last-stage map, as RN50x64's), with non-trivial BatchNorm statistics."""
-    from dataclasses import replace
-
-    import torch
-    from timm.models.byobnet import ByoBlockCfg, ByobNet, model_cfgs
-
-    stages = [ByoBlockCfg(type="bottle", d=d, c=c, s=s, br=0.25) for d, c, s in
-              ((1, 32, 1), (2, 64, 2), (1, 128, 2), (1, 256, 2))]
-    cfg = replace(model_cfgs["resnet50x64_clip"], blocks=tuple(stages), stem_chs=(8, 8, 16), width_factor=1.0)
-    model = ByobNet(cfg, num_classes=num_classes, img_size=448)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.normal_(1, 0.1)
-                m.bias.normal_(0, 0.1)
-    return model.eval()
-
-
-def timm_to_openai_resnet(state: dict) -> dict:
-    """A timm `resnet*_clip` state dict under OpenAI's ModifiedResNet names (`visual.*`), as CLIP's RN files hold it
-    (the inverse of timm's byobnet `_convert_openai_clip`)."""
-    import re
-
-    names = {"conv1_1x1": "1", "conv2_kxk": "2", "conv3_1x1": "3"}
-    out = {}
-    for key, value in state.items():
-        key = re.sub(r"^stem\.conv(\d)\.conv\.", r"conv\1.", key)
-        key = re.sub(r"^stem\.conv(\d)\.bn\.", r"bn\1.", key)
-        key = re.sub(r"^stages\.(\d+)\.(\d+)\.(conv\d_\w+?)\.(conv|bn)\.",
-                     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.{m[4]}{names[m[3]]}.", key)
-        key = re.sub(r"^stages\.(\d+)\.(\d+)\.shortcut\.conv\.(conv|bn)\.",
-                     lambda m: f"layer{int(m[1]) + 1}.{m[2]}.downsample.{0 if m[3] == 'conv' else 1}.", key)
-        if key.startswith("head."):
-            key = "attnpool." + key[5:].replace("pos_embed", "positional_embedding")
-            key = re.sub(r"^attnpool\.(q|k|v)\.", r"attnpool.\1_proj.", key).replace("attnpool.proj.",
-                                                                                     "attnpool.c_proj.")
-        out["visual." + key] = value.clone()
     return out
 
 
@@ -140,7 +36,7 @@ def clip_teacher(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_cfg(tmp_path, digits_dir):
     """A validated tiny config writing into tmp_path; extra dotted overrides win."""
-    from train.config import load_config
+    from train.recipe import load_config
 
     def make(*overrides, world_size: int = 1, name: str = "run"):
         base = tiny_overrides(overrides) + [f"run.output_dir={tmp_path / name}",
@@ -151,20 +47,24 @@ def make_cfg(tmp_path, digits_dir):
     return make
 
 
-def read_metrics(out_dir: Path) -> dict[int, dict]:
-    """metrics.jsonl of a run as step -> values (lines of the same step merged, later values win)."""
-    rows = {}
-    for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        rows.setdefault(row["step"], {}).update(row)
-    return rows
+@pytest.fixture(scope="module")
+def codebook(tmp_path_factory, clip_teacher, digits_dir):
+    """16 k-CLIP codes fit by the codebook command on the tiny teacher's features of the digits."""
+    from train.teachers.codebook import main as codebook_main
+
+    path = tmp_path_factory.mktemp("codebook") / "kclip16.pt"
+    rc = codebook_main(["--out", str(path), "--max-patches", "4000", "--workers", "0", "--batch-size", "200",
+                        "--init", "kmeans++",  # better-spread codes: the 10-step ZeRO run learns clearly
+                        *tiny_overrides(["method.name=mapet"]), "method.name=mapet", "train.steps=1",
+                        f"method.teacher.path={clip_teacher}", f"data.train={digits_dir / 'train.json'}"])
+    assert rc == 0
+    return path
 
 
-def seed_checkpoint(cfg, source_dir: Path, step: int) -> None:
-    """Give run `cfg` a copy of `source_dir`'s step-`step` checkpoint as its latest, so train(cfg) resumes there."""
-    from train.checkpoint import tag_for
-
-    tag = tag_for(step)
-    ckpts = Path(cfg.output_dir) / "checkpoints"
-    shutil.copytree(Path(source_dir) / "checkpoints" / tag, ckpts / tag)
-    (ckpts / "latest").write_text(tag)
+@pytest.fixture
+def mapet_cfg(make_cfg, clip_teacher, codebook):
+    """A tiny MaPeT config with the tiny teacher and codebook."""
+    def make(*overrides, name="mapet"):
+        return make_cfg("method.name=mapet", f"method.teacher.path={clip_teacher}", f"method.codebook={codebook}",
+                        "train.steps=1", *overrides, name=name)
+    return make

@@ -9,33 +9,25 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
-from test_launch import command, run_env
-from test_mapet import codebook, mapet_cfg  # noqa: F401 (fixtures)
+import yaml
 from timm.layers import resample_abs_pos_embed, resample_patch_embed
 
-from conftest import REPO, read_metrics, seed_checkpoint
 from data_pipeline.augment import SingleView
-from data_pipeline.stream import StreamLoader, resolve_shards, to_device
+from data_pipeline.batch import to_device
+from data_pipeline.stream import StreamLoader, resolve_shards
+from helpers import REPO, command, fully_partitioned_zero3, read_metrics, resume_run, run_env
 from train.checkpoint import load_weights
-from train.compression import (
-    FULL,
-    CompressionSchedule,
-    GradientDiagnostic,
-    Setting,
-    encode,
-    gradient_error,
-    main,
-    schedule_value,
-    step_seed,
-)
-from train.config import CompressionConfig, ConfigError, ModelConfig, ScheduleConfig, load_config
+from train.compression import FULL, CompressionSchedule, Setting, encode, schedule_value, step_seed
+from train.compression.__main__ import main
+from train.compression.diagnostic import GradientDiagnostic, gradient_error
+from train.config import CompressionConfig, ConfigError, ModelConfig, ScheduleConfig
 from train.distributed import free_port
 from train.engine import train
 from train.methods import build_method
 from train.methods.mae import mae_loss, patchify
 from train.models.vit import ViTEncoder, patch_grid
 from train.optim import lr_at, param_groups, set_lr
+from train.recipe import load_config
 
 TINY_MODEL = ModelConfig(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=2, pos_embed="learned")
 SCHEDULED = ["compression.keep_ratio.kind=linear", "compression.keep_ratio.start=0.5",
@@ -204,7 +196,9 @@ def test_one_set_of_weights_trains_at_every_patch_size():
     torch.manual_seed(0)
     enc = ViTEncoder(TINY_MODEL)
     shapes = {k: v.shape for k, v in enc.state_dict().items()}
-    enc(torch.randn(2, 3, 16, 16), patch_size=8, pool="token").sum().backward()
+    out = enc(torch.randn(2, 3, 16, 16), patch_size=8, pool="token")
+    # a random projection: the plain sum (or the sum of squares) of a LayerNorm output is constant in its input
+    (out * torch.randn_like(out)).sum().backward()
     assert enc.vit.patch_embed.proj.weight.grad.abs().sum() > 0 and enc.vit.pos_embed.grad.abs().sum() > 0
     assert {k: v.shape for k, v in enc.state_dict().items()} == shapes  # the timm export is unchanged
     assert not any("interpolator" in k for k in shapes)
@@ -290,7 +284,7 @@ def test_digpt_token_dropout_keeps_a_share_of_every_segment_and_stays_causal(mak
     dropped, _ = method({"images": images, "compression": half})
     assert torch.equal(plain, same) and torch.isfinite(dropped) and dropped != plain
     # the diagnostic: both passes share the segment order (global RNG), so the identity is exact
-    diagnostic = GradientDiagnostic(cfg, torch.device("cpu"))
+    diagnostic = GradientDiagnostic(lambda: build_method(cfg), torch.device("cpu"), seed=cfg.run.seed)
     identity = diagnostic(method, {"images": images}, 0, Setting(keep_ratio=1.0, seed=3))
     assert identity["compression/grad_cosine"] == pytest.approx(1.0, abs=1e-12)
     assert diagnostic(method, {"images": images}, 0, half)["compression/grad_cosine"] < 0.999
@@ -327,7 +321,7 @@ def test_mapet_token_dropout_runs_on_a_random_subset_with_the_visible_share_kept
     torch.manual_seed(1)
     same, _ = method({"images": images, "compression": FULL})
     assert torch.equal(plain, same)
-    diagnostic = GradientDiagnostic(cfg, torch.device("cpu"))
+    diagnostic = GradientDiagnostic(lambda: build_method(cfg), torch.device("cpu"), seed=cfg.run.seed)
     identity = diagnostic(method, {"images": images}, 0, Setting(keep_ratio=1.0, seed=4))
     assert identity["compression/grad_cosine"] == pytest.approx(1.0, abs=1e-12)
     assert diagnostic(method, {"images": images}, 0, half)["compression/grad_cosine"] < 0.999
@@ -345,7 +339,7 @@ def test_diagnostic_is_exact_for_the_identity_and_below_one_for_compression():
     torch.manual_seed(0)
     mae = build_method(cfg)
     batch = {"images": torch.randn(8, 3, 16, 16)}
-    diagnostic = GradientDiagnostic(cfg, torch.device("cpu"))
+    diagnostic = GradientDiagnostic(lambda: build_method(cfg), torch.device("cpu"), seed=cfg.run.seed)
     torch.manual_seed(5)
     rng = torch.get_rng_state()
     identity = diagnostic(mae, batch, 0, Setting(keep_ratio=1.0, seed=9))
@@ -386,11 +380,12 @@ def plain_compressed_losses(cfg, steps: int) -> list[float]:
     return out
 
 
+@pytest.mark.e2e
 def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(make_cfg, tmp_path):
     steps = 4
     common = [*SCHEDULED, f"train.steps={steps}", "compression.diagnose_every=2"]
     zero3 = make_cfg(*common, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="z3")
-    train(zero3)
+    train(zero3, build_method)
     rows = read_metrics(zero3.output_dir)
     # the logged setting of step s is the one its batch was trained with, at progress (s - 1) / steps
     assert [rows[s]["compression/patch_size"] for s in (1, 2, 3, 4)] == [8, 8, 4, 4]
@@ -403,7 +398,7 @@ def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(mak
     assert [rows[s]["train/loss"] for s in range(1, steps + 1)] == pytest.approx(reference, rel=1e-4, abs=1e-5)
     # ZeRO-1 (unpartitioned weights) measures the same gradient errors
     zero1 = make_cfg(*common, name="z1")
-    zero1_weights = train(zero1).engine.module.state_dict()
+    zero1_weights = train(zero1, build_method).engine.module.state_dict()
     for s in (2, 4):
         assert read_metrics(zero1.output_dir)[s]["compression/grad_cosine"] == pytest.approx(
             rows[s]["compression/grad_cosine"], rel=1e-4)
@@ -415,14 +410,14 @@ def test_engine_compresses_by_schedule_and_diagnoses_under_partitioned_zero3(mak
         assert torch.allclose(value, zero1_weights[name], atol=1e-5), name
 
 
+@pytest.mark.e2e
 def test_compressed_resume_retraces_the_uninterrupted_run(make_cfg):
     common = [*SCHEDULED, "train.steps=6", "run.ckpt_every=3"]
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     resumed = make_cfg(*common, name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 3)
-    train(resumed)
-    full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
+    rest, _ = resume_run(resumed, straight.output_dir, 3)
+    full = read_metrics(straight.output_dir)
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "compression/patch_size", "compression/keep_ratio"):
         assert [rest[s][key] for s in rest] == pytest.approx([full[s][key] for s in rest], rel=1e-6), key
@@ -430,9 +425,10 @@ def test_compressed_resume_retraces_the_uninterrupted_run(make_cfg):
 
 # -------------------------------------------------------------------------------------------------------- sweep
 
+@pytest.mark.e2e
 def test_sweep_command_prints_the_table_for_a_checkpoint(make_cfg, capsys):
     cfg = make_cfg("train.steps=2", name="sweep")
-    train(cfg)
+    train(cfg, build_method)
     args = ["--checkpoint", str(cfg.output_dir / "checkpoints"), "--batches", "3", "--patch-scales", "1,2",
             "--keep-ratios", "1,0.5", "train.steps=2", f"run.output_dir={cfg.output_dir}",
             f"data.train={cfg.data.train}", "data.workers=0", "model.img_size=16", "model.patch_size=4",
@@ -449,6 +445,49 @@ def test_sweep_command_prints_the_table_for_a_checkpoint(make_cfg, capsys):
         assert float(table[key][3]) < 1.0 and float(table[key][4]) < 1.0 and float(table[key][5]) > 0.0
     assert sum(r[-1] == "*" for r in table.values()) == 1  # the lowest cost-adjusted error is marked
     assert main([*args, "--keep-ratios", "1,0"]) == 2  # a bad grid is a one-line error
+
+
+def test_piecewise_schedule_holds_each_value_for_its_stretch():
+    schedule = ScheduleConfig(kind="piecewise", values=[0.25, 0.5, 1.0])
+    assert [schedule_value(schedule, p) for p in (0.0, 0.33, 0.34, 0.7, 1.0)] == [0.25, 0.25, 0.5, 1.0, 1.0]
+    with pytest.raises(ConfigError, match=r"compression.keep_ratio.values=\[\]: a list of values for kind piecewise"):
+        tiny_mae("compression.keep_ratio.kind=piecewise")
+    with pytest.raises(ConfigError, match=r"compression.keep_ratio.values\[1\]=0.0 must be in \(0, 1\]"):
+        tiny_mae("compression.keep_ratio.kind=piecewise", "compression.keep_ratio.values=[0.5,0]")
+
+
+@pytest.mark.e2e
+def test_fit_writes_the_lowest_cost_adjusted_error_setting_of_each_stage(make_cfg, capsys):
+    cfg = make_cfg("train.steps=4", name="fit")
+    out = cfg.output_dir / "mae_fitted.yaml"
+    args = ["--fit", "--stages", "4", "--batches", "2", "--patch-scales", "1,2", "--keep-ratios", "1,0.5",
+            "--write", str(out), "train.steps=4", f"run.output_dir={cfg.output_dir}", f"data.train={cfg.data.train}",
+            "data.workers=0", "data.batch_size=8", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32",
+            "model.depth=2", "model.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1",
+            "method.decoder_heads=2", "optim.warmup_steps=1"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    # the starred row (lowest CA_error) of each stage's table is that stage's setting
+    starred = [line.split() for line in printed.splitlines() if line.endswith(" *")]
+    assert len(starred) == 4 and "stage 3 (75% of training, step 3)" in printed
+    written = yaml.safe_load(out.read_text())["compression"]
+    assert written["keep_ratio"]["values"] == [float(row[1]) for row in starred]
+    assert written["patch_scale"]["values"] == [int(row[0]) / 4 for row in starred]
+    assert len(list((cfg.output_dir / "fit_run" / "checkpoints").glob("step_*"))) == 4  # the short run's quarters
+    # it stacks on a run config as any shipped schedule
+    stacked = load_config([REPO / "train/configs/mae_demo.yaml", out], ["train.steps=8"])
+    schedule = CompressionSchedule(stacked.compression, stacked.model.patch_size, 8)
+    assert [schedule.at(s).keep_ratio for s in (0, 2, 4, 6)] == written["keep_ratio"]["values"]
+
+
+def test_measured_cost_is_relative_to_full_tokens():
+    from train.compression.diagnostic import measured_cost
+
+    torch.manual_seed(0)
+    mae = build_method(tiny_mae())
+    costs = measured_cost(mae, {"images": torch.randn(8, 3, 16, 16)}, [FULL, Setting(keep_ratio=0.25)])
+    assert 0.1 < costs[0] < 10 and costs[1] > 0
+    assert all(p.grad is None for p in mae.parameters())
 
 
 # --------------------------------------------------------------------------------------------------- benchmarks
@@ -468,12 +507,47 @@ def test_expected_wall_clock_of_a_schedule():
     assert flops_speedup(mae, schedule, 100) == pytest.approx(expected)
 
 
+def test_speedup_to_equal_accuracy_by_hand():
+    from benchmarks.compression import speedup_to_accuracy
+
+    # the target 60 is crossed between budgets 0.5 (55) and 1 (70): at 0.5 + 0.5 x 5 / 15
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [40.0, 55.0, 70.0], 60.0) == (pytest.approx(2 / 3), "interpolated")
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [61.0, 65.0, 70.0], 60.0) == (0.25, "at most")
+    assert speedup_to_accuracy([0.25, 0.5, 1.0], [40.0, 50.0, 59.0], 60.0) == (None, "not reached")
+
+
+@pytest.mark.e2e
+def test_compute_budget_picks_the_steps_whose_flops_equal_it(make_cfg):
+    from train.compression import run_flops, steps_for_budget
+
+    torch.manual_seed(0)
+    cfg = make_cfg(*SCHEDULED, "train.steps=8")
+    mae = build_method(cfg)
+    full = run_flops(mae.flops_per_image, CompressionConfig(), 4, 8, 8)
+    assert full == 8 * 8 * mae.flops_per_image()
+    assert steps_for_budget(mae.flops_per_image, CompressionConfig(), 4, 8, 0.5 * full) == 4
+    steps = steps_for_budget(mae.flops_per_image, cfg.compression, 4, 8, full)
+    spent = [run_flops(mae.flops_per_image, cfg.compression, 4, t, 8) for t in (steps - 1, steps, steps + 1)]
+    assert steps > 8 and abs(spent[1] - full) == min(abs(f - full) for f in spent)  # the closest to the budget
+    # the engine runs that many steps, on the schedule stretched over them
+    with pytest.raises(ConfigError, match="set at most one"):
+        make_cfg("train.steps=8", "train.budget=0.5", "train.budget_flops=1e9")
+    budgeted = make_cfg(*SCHEDULED, "train.steps=8", "train.budget=1.0", "run.ckpt_every=100", name="budget")
+    assert train(budgeted, build_method).steps == steps
+    rows = read_metrics(budgeted.output_dir)
+    assert sorted(rows) == list(range(1, steps + 1)) and rows[steps]["compression/patch_size"] == 4
+    assert rows[1]["compression/keep_ratio"] == 0.5
+
+
+@pytest.mark.e2e
 def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     from benchmarks.compression import main as bench
 
-    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the two short runs cheap
-    scores = iter([{"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 58.5, "linear_top1": 51.0}])
-    monkeypatch.setattr("train.eval.quick.evaluate_encoder", lambda *args, **kwargs: next(scores))
+    # the k-NN / probe evaluation has its own tests; here a stand-in keeps the short runs cheap. Call order:
+    # budget 0.5 full, compressed, budget 1 full, compressed
+    scores = iter([{"knn_top1": 50.0, "linear_top1": 40.0}, {"knn_top1": 55.0, "linear_top1": 30.0},
+                   {"knn_top1": 60.0, "linear_top1": 50.0}, {"knn_top1": 70.0, "linear_top1": 45.0}])
+    monkeypatch.setattr("benchmarks.compression.evaluate_encoder", lambda *args, **kwargs: next(scores))
 
     cfg = make_cfg(*SCHEDULED, "train.steps=4", name="bench")
     overrides = ["model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
@@ -484,14 +558,22 @@ def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
     assert bench(["speed", "--steps", "1", "--warmup", "0", "--points", "2", *overrides]) == 0
     speed = json.loads((cfg.output_dir / "compression_speed.json").read_text())
     assert [s["patch_size"] for s in speed["stages"]] == [4, 8, 4] and speed["speedup"] > 0
-    assert bench(["learn", *overrides]) == 0
+    assert bench(["learn", "--budgets", "0.5,1", "--seeds", "0", *overrides]) == 0
     check = json.loads((cfg.output_dir / "learning_check.json").read_text())
-    assert check["full"]["steps"] == check["compressed"]["steps"] == 4 and check["flops_speedup"] > 1
-    assert not any("compression/keep_ratio" in r for r in read_metrics(cfg.output_dir / "full").values())
-    assert read_metrics(cfg.output_dir / "compressed")[1]["compression/keep_ratio"] == 0.5
-    assert "k-NN -1.5 points, linear +1.0 points" in capsys.readouterr().out
+    steps = {(r["run"], r["budget"]): r["steps"] for r in check["runs"]}
+    assert steps[("full", 0.5)] == 2 and steps[("full", 1.0)] == 4  # equal compute: more compressed steps
+    assert steps[("compressed", 0.5)] > 2 and steps[("compressed", 1.0)] > 4
+    full_run, compressed_run = (cfg.output_dir / sub / "budget1_seed0" for sub in ("full", "compressed"))
+    assert not any("compression/keep_ratio" in r for r in read_metrics(full_run).values())
+    assert read_metrics(compressed_run)[1]["compression/keep_ratio"] == 0.5
+    knn = check["speedup_to_equal_accuracy"]["knn_top1"]
+    assert knn["per_seed"][0]["budget"] == pytest.approx(2 / 3) and knn["mean_std"][0] == pytest.approx(1.5)
+    out = capsys.readouterr().out
+    assert "speedup to the uncompressed knn_top1 at budget 1: 1.50x" in out
+    assert "speedup to the uncompressed linear_top1 at budget 1: none (reached by 0/1 seeds)" in out
 
 
+@pytest.mark.e2e
 def test_two_ranks_zero3_compressed_with_diagnostic(tmp_path, digits_dir):
     """Both ranks take part in the diagnostic (parameters gathered from two partitions, gradients averaged)."""
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",

@@ -1,6 +1,9 @@
+import re
+
 import pytest
 
-from train.config import ConfigError, load_config, save_config
+from train.config import ConfigError, save_config
+from train.recipe import load_config
 
 TINY_MODEL = ["model.img_size=32", "model.patch_size=4", "model.embed_dim=32", "model.num_heads=2", "train.steps=1"]
 
@@ -34,7 +37,7 @@ def test_yaml_file_and_roundtrip(tmp_path):
     (["model.num_heads=3"], "model.embed_dim=32 is not divisible by model.num_heads=3"),
     (["train.epochs=2"], "set exactly one of train.epochs"),
     (["method.name=nope"], "method.name: unknown method 'nope'"),
-    (["method.mask_ratio=1.0"], "method.mask_ratio=1.0 must be in [0, 1)"),
+    (["method.mask_ratio=1.0"], "method.mask_ratio=1.0 must be in (0, 1)"),
     (["train.precision=fp16"], "train.precision='fp16'"),
     (["train.deepspeed=ds_configs/zero9.json"], "DeepSpeed config not found"),
     (["data.crop_scale=[0.9,0.5]"], "data.crop_scale"),
@@ -61,3 +64,30 @@ def test_missing_file_and_bad_yaml(tmp_path):
     bad.write_text("model: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(bad)
+
+
+def test_accelerate_settings_must_agree_with_the_run(make_cfg):
+    """accelerate's DeepSpeed / precision variables: agreeing or default values pass, a differing one is one line."""
+    from train.config import check_accelerate_env
+
+    cfg = make_cfg("train.steps=2", "train.deepspeed=ds_configs/zero2.json", "optim.clip_grad=1.0",
+                   "train.global_batch_size=16")
+    zero = {"stage": 2}
+    agree = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2",
+             "ACCELERATE_MIXED_PRECISION": "bf16", "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": "none",
+             "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "2", "ACCELERATE_GRADIENT_CLIPPING": "1.0"}
+    check_accelerate_env(cfg, zero, 1, agree)
+    check_accelerate_env(cfg, zero, 1, {**agree, "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "1"})  # its default
+    check_accelerate_env(cfg, {"stage": 1}, 1, {"ACCELERATE_MIXED_PRECISION": "no"})  # not selecting DeepSpeed
+    cases = {
+        "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("3", "zero_stage=3 but the run has stage 2 (train.deepspeed="),
+        "ACCELERATE_MIXED_PRECISION": ("fp16", "mixed_precision=fp16 but the run has no fp16 support"),
+        "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("cpu", "offload_optimizer_device=cpu but the run has none"),
+        "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("4", "gradient_accumulation_steps=4 but the run has 2"),
+        "ACCELERATE_GRADIENT_CLIPPING": ("3.0", "gradient_clipping=3.0 but the run has optim.clip_grad=1"),
+        "ACCELERATE_DEEPSPEED_CONFIG_FILE": ("ds_configs/zero3.json", "deepspeed_config_file=ds_configs/zero3.json"),
+    }
+    for var, (value, message) in cases.items():
+        with pytest.raises(ConfigError, match=re.escape(message)) as err:
+            check_accelerate_env(cfg, zero, 1, {**agree, var: value})
+        assert "\n" not in str(err.value) and "the run's settings decide" in str(err.value)

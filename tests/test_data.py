@@ -10,7 +10,7 @@ from PIL import Image
 
 from data_pipeline.augment import SingleView
 from data_pipeline.shards import folder_sources, sha256_file, write_shards
-from data_pipeline.shards import main as shards_main
+from data_pipeline.shards.__main__ import main as shards_main
 from data_pipeline.stream import StreamLoader, resolve_shards
 
 
@@ -42,6 +42,7 @@ def test_digits_manifest(digits_dir):
             assert sha256_file(digits_dir / shard["url"]) == shard["sha256"]
 
 
+@pytest.mark.e2e
 def test_folder_to_shards_cli(tmp_path):
     make_folder(tmp_path / "imgs")
     shards_main(["folder", str(tmp_path / "imgs"), str(tmp_path / "out"), "--split", "train", "--max-count", "5"])
@@ -168,7 +169,7 @@ def test_stream_resumes_exactly(digits_dir, workers):
 ])
 def test_views_per_method(digits_dir, views, keys):
     from data_pipeline.augment import build_views
-    from data_pipeline.stream import to_device
+    from data_pipeline.batch import to_device
     from train.config import DataConfig
 
     data = DataConfig(views=views, local_crops=3, local_size=8)

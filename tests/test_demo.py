@@ -1,9 +1,12 @@
 import json
 
-from conftest import REPO
+import pytest
+
+from helpers import REPO
 from train.pretrain import main
 
 
+@pytest.mark.e2e
 def test_demo_writes_shards_checkpoints_logs_and_evaluation(tmp_path, caplog):
     caplog.set_level("INFO", logger="train")
     out = tmp_path / "demo"

@@ -7,15 +7,16 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
 from torch import nn
 
-from conftest import read_metrics
+from helpers import fully_partitioned_zero3, read_metrics
 from train.config import ConfigError
 from train.engine import train
 from train.eval.export import export
 from train.methods import build_method
-from train.methods.digpt import FeaturePredictor, causal_masks, digpt_targets, feature_loss, segment_patches, tap_blocks
+from train.methods.digpt import causal_masks, digpt_targets, segment_patches, tap_blocks
+from train.models.decoder import FeaturePredictor
+from train.models.losses import feature_loss
 
 
 @pytest.fixture
@@ -256,11 +257,12 @@ def test_config_errors(digpt_cfg):
         digpt_cfg("method.teacher.paht=x")
 
 
+@pytest.mark.e2e
 def test_digpt_trains_the_same_under_zero1_and_partitioned_zero3(digpt_cfg, tmp_path):
     runs = {}
     for stage, ds in ((1, "ds_configs/zero1.json"), (3, fully_partitioned_zero3(tmp_path))):
         cfg = digpt_cfg("train.steps=10", f"train.deepspeed={ds}", name=f"digpt_z{stage}")
-        result = train(cfg)
+        result = train(cfg, build_method)
         runs[stage] = read_metrics(cfg.output_dir)
         assert not any(n.startswith("teacher") for n, _ in result.engine.module.named_parameters())
         if stage == 1:
@@ -285,8 +287,9 @@ def test_digpt_trains_the_same_under_zero1_and_partitioned_zero3(digpt_cfg, tmp_
     assert last["train/loss_next"] == pytest.approx(2 - 2 * last["train/cos_next"], rel=1e-4)
 
 
+@pytest.mark.e2e
 def test_bf16_student_with_an_fp32_teacher(digpt_cfg):
-    result = train(digpt_cfg("train.steps=2", "train.precision=bf16", name="digpt_bf16"))
+    result = train(digpt_cfg("train.steps=2", "train.precision=bf16", name="digpt_bf16"), build_method)
     method = result.engine.module
     assert method.next_decoder.pred.weight.dtype == torch.bfloat16  # DeepSpeed cast the student ...
     assert all(p.dtype == torch.float32 for p in method.teacher.model.parameters())  # ... not the teacher

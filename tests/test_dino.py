@@ -5,9 +5,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics, seed_checkpoint
+from helpers import fully_partitioned_zero3, read_metrics, resume_run, seed_checkpoint
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.methods import build_method
@@ -112,17 +111,19 @@ DINO_RUN = ["method.name=dino", "method.freeze_last_layer=0.012", "method.warmup
             "run.ckpt_every=3", "run.keep_last=3"]
 
 
+@pytest.mark.e2e
 def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     """Under fully partitioned ZeRO-3 DINO retraces ZeRO-1's losses (gathers in the encoder, head and EMA
     update), and a run resumed at step 3 retraces the rest (teacher, centre and schedules restored)."""
     zero1 = make_cfg(*DINO_RUN, name="zero1")
-    train(zero1)
+    train(zero1, build_method)
     zero3 = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="zero3")
-    engine = train(zero3).engine
+    engine = train(zero3, build_method).engine
     method = engine.module
-    # the optimizer's decayed groups got the scheduled weight decay (the others none)
+    # the optimizer's decayed groups got the scheduled weight decay (the others none); the head's last layer
+    # (decayed) has a group of its own
     last = weight_decay_at(5, 6, 0.04, 0.4)
-    assert sorted(g["weight_decay"] for g in engine.optimizer.param_groups) == pytest.approx([0.0, last])
+    assert sorted(g["weight_decay"] for g in engine.optimizer.param_groups) == pytest.approx([0.0, last, last])
     ref, rows = read_metrics(zero1.output_dir), read_metrics(zero3.output_dir)
     assert [rows[s]["train/loss"] for s in rows] == pytest.approx([ref[s]["train/loss"] for s in rows], rel=1e-4)
     assert [rows[s]["train/teacher_temp"] for s in range(1, 7)] == pytest.approx(
@@ -132,12 +133,93 @@ def test_zero3_matches_zero1_and_resume_is_exact(make_cfg, tmp_path):
     assert method.center.abs().sum() > 0 and method.freeze_steps == 2
 
     resumed = make_cfg(*DINO_RUN, f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="resumed")
-    seed_checkpoint(resumed, zero3.output_dir, 3)
-    again = train(resumed).engine.module
-    rest = read_metrics(resumed.output_dir)
+    rest, result = resume_run(resumed, zero3.output_dir, 3)
+    again = result.engine.module
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "train/teacher_entropy", "train/weight_decay"):
         assert [rest[s][key] for s in rest] == pytest.approx([rows[s][key] for s in rest], rel=1e-5), key
     assert torch.allclose(again.center, method.center, rtol=1e-5, atol=1e-7)
     teacher, teacher_again = method.teacher.module.state_dict(), again.teacher.module.state_dict()
     assert all(torch.allclose(teacher[k], teacher_again[k], rtol=1e-5, atol=1e-6) for k in teacher)
+
+
+@pytest.mark.e2e
+def test_export_and_checkpoint_eval_take_the_teacher_unless_asked_for_the_student(make_cfg, tmp_path):
+    from safetensors.torch import load_file
+
+    from train.eval.export import export
+    from train.methods import METHODS
+    from train.weights import load_encoder, resolve_source
+
+    cfg = make_cfg("method.name=dino", "train.steps=2", "method.momentum_teacher=0.5", name="dino_export")
+    module = train(cfg, build_method).engine.module
+    teacher = {k: v.float() for k, v in module.eval_encoder().vit.state_dict().items()}
+    student = {k: v.float() for k, v in module.encoder.vit.state_dict().items()}
+    assert not torch.allclose(teacher["blocks.0.attn.qkv.weight"], student["blocks.0.attn.qkv.weight"])
+    for kind, expected in (("teacher", teacher), ("student", student)):
+        exported = load_file(export(cfg.output_dir, tmp_path / kind, student=kind == "student") / "model.safetensors")
+        assert exported.keys() == expected.keys()
+        assert all(torch.allclose(exported[k], expected[k]) for k in expected), kind
+    loaded = load_encoder(resolve_source(cfg.output_dir), METHODS).vit.state_dict()
+    assert all(torch.allclose(loaded[k], teacher[k]) for k in teacher)
+
+
+def last_layer_adam_state(engine) -> dict:
+    """This rank's AdamW state of the optimizer group holding the head's last layer, under any ZeRO stage."""
+    zero = engine.optimizer
+    basic = getattr(zero, "optimizer", zero)
+    index = next(i for i, g in enumerate(basic.param_groups) if g.get("freezable") == "head.last_layer.")
+    if hasattr(zero, "fp32_partitioned_groups_flat"):  # ZeRO-3: the flat sub-groups of that group
+        (flat,) = [f for i, f in enumerate(zero.fp32_partitioned_groups_flat) if zero.sub_group_to_group_id[i] == index]
+    elif hasattr(zero, "single_partition_of_fp32_groups"):  # ZeRO-1/2
+        flat = zero.single_partition_of_fp32_groups[index]
+    else:
+        (flat,) = basic.param_groups[index]["params"]
+    return basic.state.get(flat, {})
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_last_layer_is_frozen_bit_for_bit_then_trains_with_fresh_adam_state(make_cfg, tmp_path, monkeypatch, stage):
+    """As the official `cancel_gradients_last_layer` (grad None, so AdamW skips it): during the freeze the last
+    layer's weights stay bit-identical (no step, no weight decay) and it has no Adam state; its first step after
+    the freeze starts from fresh moments (step 1) while the rest of the model is at step 3. A run resumed from
+    the end of the freeze (a checkpoint without that state) retraces the uninterrupted one."""
+    from train.methods.dino import DINO
+    from train.models.ema import gathered
+
+    seen = []
+    original = DINO.on_step_end
+
+    def record(self, step):
+        v = self.head.last_layer.weight_v
+        with gathered([v]):
+            seen.append(v.detach().clone())
+        original(self, step)
+
+    monkeypatch.setattr(DINO, "on_step_end", record)
+    ds = fully_partitioned_zero3(tmp_path) if stage == 3 else f"ds_configs/zero{stage}.json"
+    run = [*DINO_RUN[:-3], "train.steps=3", "run.ckpt_every=2", "run.keep_last=3", "method.norm_last_layer=false",
+           f"train.deepspeed={ds}"]
+    cfg = make_cfg(*run, name="straight")
+    torch.manual_seed(cfg.run.seed)
+    initial = build_method(cfg).head.last_layer.weight_v.detach().clone()
+    engine = train(cfg, build_method).engine
+    assert engine.module.freeze_steps == 2
+    assert torch.equal(seen[0], initial) and torch.equal(seen[1], initial)  # frozen: bit-identical
+    assert not torch.equal(seen[2], initial)  # then it trains
+    state = last_layer_adam_state(engine)
+    beta1, beta2 = cfg.optim.betas
+    assert float(state["step"]) == 1.0  # fresh Adam state: one step, and moments of a single gradient g:
+    m, v = state["exp_avg"], state["exp_avg_sq"]  # m = (1 - b1) g, v = (1 - b2) g^2
+    nonzero = v > 0
+    assert nonzero.sum() > 0
+    assert torch.allclose(m[nonzero] ** 2 / v[nonzero], torch.tensor((1 - beta1) ** 2 / (1 - beta2)), rtol=1e-4)
+    if stage == 2:  # ZeRO-2 saves and loads the optimizer state as ZeRO-1 does
+        return
+    after_freeze = seen[2]
+    resumed = make_cfg(*run, name="resumed")
+    seed_checkpoint(resumed, cfg.output_dir, 2)
+    seen.clear()
+    train(resumed, build_method)
+    assert len(seen) == 1 and torch.allclose(seen[0], after_freeze, rtol=1e-5, atol=1e-7)

@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import read_metrics, seed_checkpoint
+from helpers import read_metrics, resume_run
 from train.engine import train
-from train.methods import METHODS
+from train.methods import METHODS, Method, build_method
 from train.models.ema import EMA
 from train.models.vit import ViTEncoder
 
@@ -19,10 +19,11 @@ class ToyConfig:
     momentum: float = 0.9
 
 
-class EMAToy(nn.Module):
+class EMAToy(Method):
     """A BYOL-like toy: the student predicts the EMA teacher's features of the same images."""
 
     Config = ToyConfig
+    teachers = ("teacher",)  # saved with checkpoints by Method
 
     def __init__(self, cfg):
         super().__init__()
@@ -40,12 +41,6 @@ class EMAToy(nn.Module):
 
     def on_step_end(self, step):
         self.teacher.update(self.encoder, self.momentum)
-
-    def get_extra_state(self):
-        return {"teacher": self.teacher.state_dict()}
-
-    def set_extra_state(self, state):
-        self.teacher.load_state_dict(state["teacher"])
 
 
 @pytest.fixture
@@ -65,11 +60,12 @@ def test_update_is_the_ema_formula():
     assert "teacher" not in dict(nn.Module().named_modules())  # held outside any module tree
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage, precision", [(1, "bf16"), (3, "fp32")])
 def test_teacher_stays_fp32_and_tracks_the_student(make_cfg, toy_method, stage, precision):
     cfg = make_cfg("method.name=ema_toy", "method.momentum=0.5", "train.steps=3", f"train.precision={precision}",
                    f"train.deepspeed=ds_configs/zero{stage}.json", name=f"ema{stage}")
-    method = train(cfg).engine.module
+    method = train(cfg, build_method).engine.module
     teacher = method.teacher.module
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
     assert not any(n.startswith("teacher") for n, _ in method.named_parameters())  # not DeepSpeed's
@@ -86,15 +82,15 @@ def test_teacher_stays_fp32_and_tracks_the_student(make_cfg, toy_method, stage, 
     assert any(not torch.equal(before[n], p) for n, p in teacher.named_parameters() if p.numel() > 1)
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [1, 3])
 def test_teacher_is_checkpointed_and_resume_is_exact(make_cfg, toy_method, stage):
     common = ["method.name=ema_toy", "train.steps=6", "run.ckpt_every=3",
               f"train.deepspeed=ds_configs/zero{stage}.json"]
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     resumed = make_cfg(*common, name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 3)
-    train(resumed)
-    full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
+    rest, _ = resume_run(resumed, straight.output_dir, 3)
+    full = read_metrics(straight.output_dir)
     assert sorted(rest) == [4, 5, 6]
     assert [rest[s]["train/loss"] for s in rest] == pytest.approx([full[s]["train/loss"] for s in rest], rel=1e-6)

@@ -2,62 +2,27 @@ import json
 
 import pytest
 import torch
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 
-from conftest import REPO, read_metrics, seed_checkpoint
 from data_pipeline.augment import SingleView
-from data_pipeline.stream import StreamLoader, resolve_shards, to_device
+from data_pipeline.batch import to_device
+from data_pipeline.stream import StreamLoader, resolve_shards
+from helpers import fully_partitioned_zero3, losses, plain_pytorch_losses, read_metrics, resume_run
 from train import checkpoint
 from train.config import ConfigError
-from train.engine import deepspeed_config, train
+from train.distributed import init_distributed
+from train.engine import build_engine, deepspeed_config, train
 from train.methods import build_method
 from train.optim import lr_at, param_groups, set_lr
 
 
-def losses(out_dir) -> list[float]:
-    rows = read_metrics(out_dir)
-    return [rows[s]["train/loss"] for s in sorted(rows)]
-
-
-def plain_pytorch_losses(cfg, steps: int) -> list[float]:
-    """The engine's step re-done with plain PyTorch: same init, batches, masking noise, lr schedule and hooks."""
-    torch.manual_seed(cfg.run.seed)
-    method = build_method(cfg)
-    if hasattr(method, "set_total_steps"):
-        method.set_total_steps(steps)
-    peak = cfg.optim.base_lr * cfg.data.batch_size / 256
-    opt = torch.optim.AdamW(param_groups(method, cfg.optim.weight_decay), lr=peak, betas=cfg.optim.betas)
-    torch.manual_seed(cfg.run.seed)
-    loader = StreamLoader(resolve_shards(cfg.data.train).urls, SingleView(cfg.model.img_size, cfg.data.crop_scale,
-                          cfg.data.hflip), cfg.data.batch_size, seed=cfg.run.seed,
-                          shuffle_buffer=cfg.data.shuffle_buffer)
-    out = []
-    for step, batch in zip(range(steps), loader):
-        set_lr(opt, lr_at(step, peak, steps, cfg.optim.warmup_steps))
-        loss, _ = method(to_device(batch, torch.device("cpu"), cfg.data.mean, cfg.data.std), step)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if hasattr(method, "on_step_end"):
-            method.on_step_end(step + 1)
-        out.append(loss.item())
-    return out
-
-
-def fully_partitioned_zero3(tmp_path) -> str:
-    """ZeRO-3 without the small-parameter persistence, so even a tiny model is really partitioned."""
-    ds = json.loads((REPO / "ds_configs" / "zero3.json").read_text())
-    ds["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_partitioned.json"
-    path.write_text(json.dumps(ds))
-    return str(path)
-
-
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_zero_stages_match_plain_pytorch_and_learn(make_cfg, tmp_path, stage):
     steps = 12
     ds = fully_partitioned_zero3(tmp_path) if stage == 3 else f"ds_configs/zero{stage}.json"
     cfg = make_cfg(f"train.steps={steps}", f"train.deepspeed={ds}", name=f"z{stage}")
-    result = train(cfg)
+    result = train(cfg, build_method)
     assert result.steps == steps and result.last_checkpoint == "step_00000012"
     ours = losses(cfg.output_dir)
     reference = plain_pytorch_losses(cfg, steps)
@@ -65,28 +30,57 @@ def test_zero_stages_match_plain_pytorch_and_learn(make_cfg, tmp_path, stage):
     assert sum(ours[-3:]) < sum(ours[:3]) * 0.9  # it learns
 
 
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_bf16_engines_accumulate_and_all_reduce_gradients_in_fp32(make_cfg, stage):
+    """The shipped ZeRO configs under bf16: what DeepSpeed's engine and optimizer actually use (stage 1 with
+    fp32 accumulation is DeepSpeed's BF16_Optimizer, which keeps fp32 gradient buffers)."""
+    init_distributed()
+    cfg = make_cfg("train.steps=1", "train.precision=bf16", f"train.deepspeed=ds_configs/zero{stage}.json")
+    engine, *_ = build_engine(cfg, build_method, world_size=1)
+    assert engine.get_data_types() == (torch.bfloat16, torch.float32)
+    assert engine.communication_data_type == torch.float32  # what the gradient all-reduce casts to
+    opt = engine.optimizer
+    if stage == 1:
+        assert isinstance(opt, BF16_Optimizer) and opt.grad_acc_dtype == torch.float32
+        assert all(buf.dtype == torch.float32 for buf in opt.fp32_groups_gradients_flat)
+    else:
+        assert (opt.gradient_accumulation_dtype, opt.communication_data_type) == (torch.float32, torch.float32)
+
+
+@pytest.mark.e2e
+def test_bf16_zero1_resume_continues_the_same_curve(make_cfg):
+    """ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer (fp32 gradients): its checkpoints resume exactly."""
+    common = ["train.steps=4", "run.ckpt_every=2", "train.precision=bf16"]
+    straight = make_cfg(*common, "run.keep_last=3", name="straight")
+    train(straight, build_method)
+    full = losses(straight.output_dir)
+    rows, _ = resume_run(make_cfg(*common, name="resumed"), straight.output_dir, 2)
+    assert [rows[s]["train/loss"] for s in sorted(rows)] == pytest.approx(full[2:], rel=1e-6, abs=1e-7)
+
+
+@pytest.mark.e2e
 def test_resume_continues_the_same_curve(make_cfg, tmp_path):
     straight = make_cfg("train.steps=8", "run.ckpt_every=4", "run.keep_last=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     full = losses(straight.output_dir)
     assert len(full) == 8
     # a second run that only has the step-4 checkpoint resumes from it ("auto") and must retrace steps 5..8
     resumed = make_cfg("train.steps=8", "run.ckpt_every=4", name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 4)
-    result = train(resumed)
+    rows, result = resume_run(resumed, straight.output_dir, 4)
     assert result.steps == 8
-    rows = read_metrics(resumed.output_dir)
     assert sorted(rows) == [5, 6, 7, 8]
     assert [rows[s]["train/loss"] for s in range(5, 9)] == pytest.approx(full[4:], rel=1e-6, abs=1e-7)
     assert [rows[s]["train/lr"] for s in range(5, 9)] == pytest.approx(
         [read_metrics(straight.output_dir)[s]["train/lr"] for s in range(5, 9)])
 
 
+@pytest.mark.e2e
 def test_gradient_accumulation_is_a_bigger_batch(make_cfg):
     cfg = make_cfg("train.steps=2", "train.global_batch_size=16", name="accum")
     ds = deepspeed_config(cfg, world_size=1)
     assert (ds["train_batch_size"], ds["gradient_accumulation_steps"]) == (16, 2)
-    result = train(cfg)
+    result = train(cfg, build_method)
     rows = read_metrics(cfg.output_dir)
     assert result.steps == 2 and rows[2]["data/samples_seen"] == 2 * 16
 
@@ -109,14 +103,16 @@ def test_find_resume_tag_none_latest_and_half_written(tmp_path):
         checkpoint.resolve_resume(str(ckpts / "step_00000300"), ckpts)
 
 
+@pytest.mark.e2e
 def test_resume_from_other_architecture_is_rejected(make_cfg):
     first = make_cfg("train.steps=1", name="arch")
-    train(first)
+    train(first, build_method)
     other = make_cfg("train.steps=2", "model.depth=3", name="arch")
     with pytest.raises(ConfigError, match=r"run.resume: .*step_00000001 was written by method mae with model"):
-        train(other)
+        train(other, build_method)
 
 
+@pytest.mark.e2e
 def test_non_finite_loss_stops_with_a_clear_message(make_cfg, monkeypatch):
     from train.methods.mae import MAE
 
@@ -132,5 +128,55 @@ def test_non_finite_loss_stops_with_a_clear_message(make_cfg, monkeypatch):
     monkeypatch.setattr(MAE, "forward", poisoned)
     cfg = make_cfg("train.steps=6", "run.ckpt_every=2", name="nan")
     with pytest.raises(FloatingPointError, match="non-finite loss at step 3 .* last good checkpoint is step_00000002"):
-        train(cfg)
+        train(cfg, build_method)
     assert checkpoint.find_resume_tag(cfg.output_dir / "checkpoints") == "step_00000002"
+
+
+def clip_by_hand(grad: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """DINO's utils.clip_gradients for one parameter, written out."""
+    norm = grad.pow(2).sum().sqrt()
+    coef = max_norm / (norm + 1e-6)
+    return grad * coef if coef < 1 else grad
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_per_parameter_clipping_is_dinos_under_every_zero_stage(make_cfg, tmp_path, stage):
+    """optim.clip_per_param: each parameter's (rank-averaged) gradient clipped to norm clip_grad before the step.
+    With SGD the update is the clipped gradient itself, so the weights after 3 steps show it exactly."""
+    from train.models.ema import gathered
+
+    steps, max_norm = 3, 0.05
+    ds = fully_partitioned_zero3(tmp_path) if stage == 3 else f"ds_configs/zero{stage}.json"
+    cfg = make_cfg(f"train.steps={steps}", "optim.optimizer=sgd", "optim.momentum=0", "optim.base_lr=10",
+                   "optim.weight_decay=0", f"optim.clip_grad={max_norm}", "optim.clip_per_param=true",
+                   "train.precision=fp32", f"train.deepspeed={ds}", name=f"clip{stage}")
+    module = train(cfg, build_method).engine.module
+    with gathered(list(module.parameters())):
+        ours = {n: p.detach().clone() for n, p in module.named_parameters()}
+
+    torch.manual_seed(cfg.run.seed)
+    method = build_method(cfg)
+    initial = {n: p.detach().clone() for n, p in method.named_parameters()}
+    peak = cfg.optim.base_lr * cfg.data.batch_size / 256
+    opt = torch.optim.SGD(param_groups(method, 0.0), lr=peak)
+    torch.manual_seed(cfg.run.seed)
+    loader = StreamLoader(resolve_shards(cfg.data.train).urls, SingleView(cfg.model.img_size, cfg.data.crop_scale,
+                          cfg.data.hflip), cfg.data.batch_size, seed=cfg.run.seed,
+                          shuffle_buffer=cfg.data.shuffle_buffer)
+    norms = []
+    for step, batch in zip(range(steps), loader):
+        set_lr(opt, lr_at(step, peak, steps, cfg.optim.warmup_steps))
+        loss, _ = method(to_device(batch, torch.device("cpu"), cfg.data.mean, cfg.data.std), step)
+        opt.zero_grad()
+        loss.backward()
+        for p in method.parameters():
+            if p.grad is not None:
+                norms.append(float(p.grad.norm()))
+                p.grad = clip_by_hand(p.grad, max_norm)
+        opt.step()
+    assert min(norms) < max_norm < max(norms)  # some gradients clipped, some not
+    for name, p in method.named_parameters():
+        moved, expected = ours[name] - initial[name], p.detach() - initial[name]
+        assert torch.allclose(moved, expected, rtol=1e-4, atol=1e-7), name
+    assert any((p.detach() - initial[n]).norm() > 0.1 * max_norm for n, p in method.named_parameters())

@@ -1,5 +1,6 @@
 """Evaluation and export: k-NN, linear probe and fine-tune methods, timm export from ZeRO checkpoints."""
 
+import argparse
 import json
 import re
 import subprocess
@@ -8,18 +9,17 @@ import sys
 import pytest
 import timm
 import torch
-from test_engine import fully_partitioned_zero3
-from test_launch import run_env
 
-from conftest import REPO, seed_checkpoint
+from helpers import REPO, fully_partitioned_zero3, resume_run, run_env
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.eval.export import export
-from train.eval.knn import NearestNeighbours, knn_predict, topk_accuracy
-from train.eval.load import load_encoder, resolve_source
-from train.methods import build_method
+from train.eval.knn import main as knn_main
+from train.eval.metrics import NearestNeighbours, knn_evaluate, knn_predict, topk_accuracy
+from train.methods import METHODS, build_method
 from train.models.vit import ViTEncoder
 from train.optim import param_groups
+from train.weights import load_encoder, resolve_source
 
 
 def clustered_features(n_per_class: int, num_classes: int, dim: int = 16, seed: int = 0):
@@ -94,14 +94,14 @@ def test_layer_decay_scales_are_maes(make_cfg):
 @pytest.fixture(scope="module")
 def mae_run(tmp_path_factory, digits_dir):
     """A tiny MAE pretraining run (ZeRO-2, 2 steps) to evaluate, fine-tune and export."""
-    from conftest import tiny_overrides
-    from train.config import load_config
+    from helpers import tiny_overrides
+    from train.recipe import load_config
 
     out = tmp_path_factory.mktemp("mae")
     cfg = load_config(None, tiny_overrides() + [f"run.output_dir={out}", f"data.train={digits_dir / 'train.json'}",
                                                 f"data.val={digits_dir / 'val.json'}", "train.steps=2",
                                                 "train.deepspeed=ds_configs/zero2.json"])
-    train(cfg)
+    train(cfg, build_method)
     return out
 
 
@@ -115,6 +115,7 @@ def live_logits_hook(store: dict, images: torch.Tensor):
     return evaluate
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("method, extra", [
     ("finetune", ["optim.layer_decay=0.75", "model.drop_path=0.1", "data.views=finetune", "method.pool=avg"]),
     ("linear_probe", ["optim.optimizer=lars", "train.deepspeed=ds_configs/zero0.json", "train.precision=fp32"]),
@@ -123,7 +124,7 @@ def test_classifier_export_gives_the_live_models_logits_in_timm(make_cfg, mae_ru
     cfg = make_cfg(f"method.name={method}", f"method.init={mae_run}", "train.steps=3", "run.ckpt_every=3", *extra)
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     live = {}
-    result = train(cfg, evaluate=live_logits_hook(live, images))
+    result = train(cfg, build_method, evaluate=live_logits_hook(live, images))
     assert result.last_checkpoint == "step_00000003" and "logits" in live
     out = export(cfg.output_dir, tmp_path / "export")
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()  # no network: timm's local folder
@@ -136,8 +137,9 @@ def test_classifier_export_gives_the_live_models_logits_in_timm(make_cfg, mae_ru
     assert timm_cfg["vitssl"]["method"] == method and timm_cfg["vitssl"]["step"] == 3
 
 
+@pytest.mark.e2e
 def test_finetune_run_writes_eval_json_and_tensorboard(mae_run, digits_dir, tmp_path):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from train.eval.finetune import main
 
     out = tmp_path / "ft"
@@ -155,9 +157,10 @@ def test_finetune_run_writes_eval_json_and_tensorboard(mae_run, digits_dir, tmp_
 ZERO3_SCRIPT = """
 import json, sys
 import deepspeed, torch
-from train.config import load_config
+from train.recipe import load_config
 from train.engine import train
-from train.eval.knn import knn_evaluate
+from train.eval.metrics import knn_evaluate
+from train.methods import build_method
 
 cfg = load_config(None, json.loads(sys.argv[1]), world_size=2)
 
@@ -172,12 +175,13 @@ def evaluate(module, step):
         torch.save({"live": live, "knn": knn}, sys.argv[2])
     return {"eval/knn_top1": knn["k20"]["top1"]}
 
-train(cfg, evaluate=evaluate)
+train(cfg, build_method, evaluate=evaluate)
 """
 
 
+@pytest.mark.e2e
 def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp_path, digits_dir):
-    from conftest import tiny_overrides
+    from helpers import tiny_overrides
     from train.distributed import free_port
 
     script = tmp_path / "zero3_run.py"
@@ -201,10 +205,10 @@ def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp
     for key, value in written["live"].items():
         assert torch.equal(weights[key], value), key
     # the exported encoder, single process, gives the same k-NN as the two partitioned ranks did together
-    from train.eval.knn import knn_evaluate
+    from train.eval.metrics import knn_evaluate
 
     source = resolve_source(exported)
-    encoder = load_encoder(source)
+    encoder = load_encoder(source, METHODS)
     single = knn_evaluate(encoder, str(digits_dir / "train.json"), str(digits_dir / "val.json"), 16,
                           source.data_value("mean"), source.data_value("std"), torch.device("cpu"), batch_size=128)
     distributed = written["knn"]
@@ -218,9 +222,8 @@ def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp
         assert (model(images) - encoder.eval()(images, pool="token")).abs().max() < 1e-5
 
 
+@pytest.mark.e2e
 def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir, capsys):
-    from train.eval.knn import main as knn_main
-
     with pytest.raises(ConfigError, match=r"method.init: .* model.depth=2, this run has model.depth=3"):
         make_cfg("method.name=finetune", f"method.init={mae_run}", "model.depth=3", "train.steps=2")
     with pytest.raises(ConfigError, match=r"method.num_classes=5 but .*train.json lists 10 classes"):
@@ -234,6 +237,7 @@ def test_bad_inputs_are_one_line_errors(make_cfg, mae_run, tmp_path, digits_dir,
     assert "nowhere" in capsys.readouterr().err
 
 
+@pytest.mark.e2e
 def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(make_cfg, mae_run, tmp_path):
 
     def train_losses(out_dir) -> dict[int, float]:  # evaluation rows share the step: keep the training ones
@@ -243,11 +247,114 @@ def test_finetune_resume_retraces_the_curve_with_mixup_erasing_and_randaugment(m
     args = ("method.name=finetune", f"method.init={mae_run}", "train.steps=4", "run.ckpt_every=2",
             "data.views=finetune", "model.drop_path=0.1", "optim.layer_decay=0.75")
     straight = make_cfg(*args, name="straight")
-    train(straight, evaluate=live_logits_hook({}, torch.randn(2, 3, 16, 16)))  # evaluation must not shift RNGs
+    # evaluation must not shift RNGs
+    train(straight, build_method, evaluate=live_logits_hook({}, torch.randn(2, 3, 16, 16)))
     full = train_losses(straight.output_dir)
     resumed = make_cfg(*args, name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 2)
-    train(resumed)
+    resume_run(resumed, straight.output_dir, 2)
     rows = train_losses(resumed.output_dir)
     assert sorted(rows) == [3, 4] and sorted(full) == [1, 2, 3, 4]
     assert [rows[3], rows[4]] == pytest.approx([full[3], full[4]], rel=1e-6, abs=1e-7)
+
+
+# -- official releases as sources ---------------------------------------------------------------------------
+
+OFFICIAL_ARCH = ["model.img_size=32", "model.patch_size=8", "model.embed_dim=64", "model.depth=2", "model.num_heads=1"]
+
+
+def official_encoder(seed: int) -> ViTEncoder:
+    torch.manual_seed(seed)
+    encoder = ViTEncoder(ModelConfig(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=1))
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p) * 0.1)  # norms and biases not at their init: every tensor must be mapped
+    return encoder.eval()
+
+
+def official_files(tmp_path) -> dict[str, tuple]:
+    """Checkpoint files in the official releases' key layouts, each with the encoder it must give."""
+    teacher, student, base, momentum = (official_encoder(s) for s in range(4))
+
+    def timm_keys(encoder, prefix=""):
+        return {prefix + k: v.clone() for k, v in encoder.vit.state_dict().items()}
+
+    head = {"head.mlp.0.weight": torch.randn(32, 64), "head.last_layer.weight_g": torch.ones(8, 1)}
+    files = {
+        "mae": ({"model": {**timm_keys(teacher), "mask_token": torch.zeros(1, 1, 16),
+                           "decoder_embed.weight": torch.randn(16, 64), "decoder_embed.bias": torch.zeros(16)}},
+                teacher),
+        "dino_teacher": ({"teacher": {**timm_keys(teacher, "backbone."), **head},
+                          "student": {**timm_keys(student, "module.backbone."),
+                                      **{"module." + k: v for k, v in head.items()}}, "epoch": 100,
+                          "args": argparse.Namespace(arch="vit_tiny")}, teacher),
+        "dino_backbone": (timm_keys(teacher), teacher),
+        "moco_v3": ({"epoch": 300, "arch": "vit_base", "state_dict": {
+            **timm_keys(base, "module.base_encoder."), **timm_keys(momentum, "module.momentum_encoder."),
+            "module.base_encoder.head.0.weight": torch.randn(32, 64),
+            "module.momentum_encoder.head.0.weight": torch.randn(32, 64),
+            "module.predictor.0.weight": torch.randn(32, 32)}}, momentum),
+    }
+    out = {}
+    for name, (obj, encoder) in files.items():
+        torch.save(obj, tmp_path / f"{name}.pth")
+        out[name] = (tmp_path / f"{name}.pth", encoder)
+    out["dino_student"] = (f"{out['dino_teacher'][0]}:student", student)
+    out["moco_v3_base"] = (f"{out['moco_v3'][0]}:base_encoder", base)
+    return out
+
+
+def test_official_checkpoints_are_sources_with_their_encoders(tmp_path, make_cfg):
+    """MAE, DINO (teacher, student, backbone-only) and MoCo v3 (momentum, base) layouts: the encoder loaded
+    from each gives the features of the encoder written into it; method.init and export take them too."""
+    images = torch.randn(4, 3, 32, 32)
+    for name, (path, expected) in official_files(tmp_path).items():
+        source = resolve_source(path)
+        assert source.kind == "official" and source.model_config().embed_dim == 64, name
+        with torch.no_grad():
+            ours = load_encoder(source, METHODS).eval()(images, pool="token")
+            assert torch.equal(ours, expected(images, pool="token")), name
+    path, expected = official_files(tmp_path)["moco_v3"]
+    probe = build_method(make_cfg("method.name=linear_probe", f"method.init={path}", "train.steps=1", *OFFICIAL_ARCH))
+    with torch.no_grad():
+        assert torch.equal(probe.encoder(images, pool="token"), expected(images, pool="token"))
+    out = export(path, tmp_path / "exported")
+    model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(model(images), expected(images, pool="token"), atol=1e-6)
+
+
+def test_official_checkpoint_errors_name_the_file_and_the_keys(tmp_path):
+    files = official_files(tmp_path)
+    path = files["dino_teacher"][0]
+    with pytest.raises(ConfigError, match=re.escape(f"{path}:momentum_encoder: a dino checkpoint has the parts")):
+        resolve_source(f"{path}:momentum_encoder")
+    obj = torch.load(files["mae"][0], weights_only=False)
+    del obj["model"]["norm.weight"]
+    obj["model"]["pre_logits.weight"] = torch.ones(64)
+    torch.save(obj, tmp_path / "broken.pth")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'broken.pth'}: weights do not fit the model "
+                                                    "(another architecture?): missing ['norm.weight'], unexpected "
+                                                    "['pre_logits.weight']")):
+        load_encoder(resolve_source(tmp_path / "broken.pth"), METHODS)
+    obj = torch.load(files["moco_v3"][0], weights_only=False)
+    obj["state_dict"]["module.queue"] = torch.zeros(3)
+    torch.save(obj, tmp_path / "queue.pth")
+    with pytest.raises(ConfigError, match=re.escape(f"{tmp_path / 'queue.pth'}: a moco_v3 checkpoint with "
+                                                    "unexpected keys ['module.queue']")):
+        resolve_source(tmp_path / "queue.pth")
+    torch.save({"weights": torch.zeros(1)}, tmp_path / "other.pth")
+    with pytest.raises(ConfigError, match="not an official MAE .* it holds \\['weights'\\]"):
+        resolve_source(tmp_path / "other.pth")
+
+
+def test_knn_on_an_official_checkpoint_is_the_knn_of_its_encoder(tmp_path, digits_dir):
+    """The k-NN command on a MoCo v3 file: the same protocol and result as on the encoder it holds."""
+    path, expected = official_files(tmp_path)["moco_v3"]
+    train_urls, val_urls = str(digits_dir / "train.json"), str(digits_dir / "val.json")
+    assert knn_main([str(path), "--train", train_urls, "--val", val_urls, "--k", "10", "--workers", "0",
+                     "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "eval" / "knn_moco_v3.json").read_text())
+    direct = knn_evaluate(expected, train_urls, val_urls, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
+                          torch.device("cpu"), ks=(10,), num_classes=10)
+    assert result["k10"]["top1"] == pytest.approx(direct["k10"]["top1"]) and result["method"] == "moco_v3 (official)"
+    assert result["k10"]["top1"] > 15  # a random 2-block ViT on the digits is well above chance (10%)

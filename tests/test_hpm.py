@@ -6,14 +6,21 @@ import re
 import pytest
 import torch
 from scipy.stats import kendalltau
-from test_engine import fully_partitioned_zero3, losses, plain_pytorch_losses
 
-from conftest import REPO, read_metrics, seed_checkpoint
-from train.config import ConfigError, load_config
+from helpers import (
+    REPO,
+    fully_partitioned_zero3,
+    losses,
+    plain_pytorch_losses,
+    read_metrics,
+    resume_run,
+)
+from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
 from train.methods.hpm import ema_momentum_at, hard_patch_masking, hard_share_at, kendall_tau, relative_loss
 from train.methods.mae import mae_loss, patchify
+from train.recipe import load_config
 
 TINY_HPM = ["method.name=hpm", "model.img_size=16", "model.patch_size=4", "model.embed_dim=32", "model.depth=2",
             "model.num_heads=2", "method.decoder_dim=32", "method.decoder_depth=1", "method.decoder_heads=2"]
@@ -109,8 +116,7 @@ def test_the_rest_of_the_mask_is_random():
 
 
 def test_schedules_follow_the_config():
-    cfg = load_config(None, TINY_HPM + ["train.steps=100", "method.hard_share=[0.1,0.5]",
-                                       "method.ema_momentum=[0.99,0.999]", "method.ema_ramp=0.2"])
+    cfg = load_config(None, TINY_HPM + ["train.steps=100", "method.hard_share=[0.1,0.5]"])
     method = build_method(cfg)
     # share (official: (epoch + 1) / epochs x end): start + (end - start) (step + 1) / total
     assert method.hard_share(0) == pytest.approx(0.1 + 0.4 / 100)
@@ -118,10 +124,28 @@ def test_schedules_follow_the_config():
     assert method.hard_share(99) == pytest.approx(0.5)
     method.set_total_steps(200)  # the engine's run length (epoch-based runs) replaces train.steps
     assert method.hard_share(99) == pytest.approx(0.3) and method.hard_share(199) == pytest.approx(0.5)
-    assert ema_momentum_at(0, 100, 0.99, 0.999, 0.2) == pytest.approx(0.99)
-    assert ema_momentum_at(10, 100, 0.99, 0.999, 0.2) == pytest.approx(0.9945)
-    assert ema_momentum_at(20, 100, 0.99, 0.999, 0.2) == ema_momentum_at(90, 100, 0.99, 0.999, 0.2) == 0.999
     assert hard_share_at(5, 10, 0.0, 0.5) == pytest.approx(0.3)
+
+
+def official_momentum(epoch: int) -> float:
+    """engine_pretrain.py: the teacher's decay for every update of `epoch`."""
+    return 0.999 + epoch / 100 * (0.9999 - 0.999) if epoch < 100 else 0.9999
+
+
+@pytest.mark.parametrize("batch", [256, 4096, 128])
+def test_teacher_momentum_keeps_the_official_horizon_in_epochs(batch):
+    """At the scripts' 5004 steps per epoch the momenta are the official ones, step by step; at another batch
+    the teacher after one epoch of updates weighs the student's past exactly as the official one does."""
+    spe = 1281167 // batch
+    for epoch in (0, 1, 37, 99, 100, 500):
+        step = epoch * spe + spe // 2
+        momentum = ema_momentum_at(step, spe, 0.999, 0.9999, 100, 5004)
+        if batch == 256:
+            assert momentum == pytest.approx(official_momentum(epoch), rel=1e-12)
+        # the weight left on the teacher of the epoch's start after the epoch's updates
+        assert momentum ** spe == pytest.approx(official_momentum(epoch) ** 5004, rel=1e-9)
+    assert ema_momentum_at(10, 5, 0.5, 0.7, 0, 0) == 0.7  # no ramp; per step as given
+    assert ema_momentum_at(4, 5, 0.5, 0.7, 4, 0) == 0.5 and ema_momentum_at(5, 5, 0.5, 0.7, 4, 0) == 0.55
 
 
 def tiny_method(*overrides):
@@ -137,7 +161,7 @@ def test_forward_is_reconstruction_plus_weighted_relative_loss():
     loss, report = method({"images": images}, step=3)
     torch.manual_seed(1)
     real, predicted, difficulty, mask, hard, pred = method._run(images, 0.5)
-    recon = mae_loss(pred, patchify(images, 4), mask, norm_pix_loss=True)
+    recon = mae_loss(pred, patchify(images, 4), mask, norm_pix_loss=False)  # HPM's default: raw pixels
     rank = relative_loss(predicted, real.detach(), mask)
     assert report["recon_loss"] == pytest.approx(recon.item(), rel=1e-6)
     assert report["predictor_loss"] == pytest.approx(rank.item(), rel=1e-6)
@@ -152,10 +176,14 @@ def test_predictor_gradient_stays_out_of_the_reconstruction_target():
     images = torch.randn(4, 3, 16, 16)
     real, predicted, _, mask, _, _ = method._run(images, 0.5)
     relative_loss(predicted, real.detach(), mask).backward()
-    # nothing of the pixel decoder (which makes the target losses) gets a gradient from the predictor's loss ...
-    assert all(p.grad is None for p in method.decoder.parameters())
-    # ... while the predictor branch and, through it, the shared encoder learn from it (as the official code)
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.loss_predictor.blocks.parameters())
+    # nothing of the pixel decoder's own blocks and output (which make the target losses) gets a gradient from
+    # the predictor's loss ...
+    for part in (method.decoder.blocks, method.decoder.norm, method.decoder.pred):
+        assert all(p.grad is None for p in part.parameters())
+    # ... while the predictor branch and, through it, the input it shares with the pixel decoder (decoder_embed,
+    # mask_token) and the encoder learn from it (as the official code)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.loss_predictor.parameters())
+    assert method.decoder.embed.weight.grad.abs().sum() > 0 and method.decoder.mask_token.grad.abs().sum() > 0
     assert method.encoder.vit.blocks[0].attn.qkv.weight.grad.abs().sum() > 0
     # and the teacher that made the mask is no part of the graph
     assert all(p.grad is None for p in method.teacher.module.parameters())
@@ -169,7 +197,8 @@ def test_hpm_configs_have_the_paper_defaults():
     for name, dim in (("hpm_vit_b", 768), ("hpm_vit_l", 1024)):
         cfg = load_config(REPO / f"train/configs/{name}.yaml", world_size=8)
         assert cfg.model.embed_dim == dim and cfg.method.ema_momentum == (0.999, 0.9999)
-        assert cfg.method.ema_ramp == 100 / 800 and cfg.train.epochs == 800
+        assert (cfg.method.ema_ramp_epochs, cfg.method.ema_steps_per_epoch) == (100, 5004)
+        assert cfg.train.epochs == 800 and not cfg.method.norm_pix_loss  # the released scripts: raw pixels
         assert (cfg.method.decoder_dim, cfg.method.decoder_depth) == (512, 8)
 
 
@@ -185,14 +214,16 @@ def test_bad_hpm_config_is_one_clear_line(override, message):
         load_config(None, TINY_HPM + ["train.steps=1", override])
 
 
+@pytest.mark.e2e
 def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg, tmp_path):
     """Fully partitioned ZeRO-3: teacher-guided masks, EMA updates and visualize() gather correctly."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     steps = 6
     cfg = make_cfg("method.name=hpm", f"train.steps={steps}", f"train.deepspeed={fully_partitioned_zero3(tmp_path)}",
-                   "method.hard_share=[0.5,1.0]", "method.ema_momentum=[0.5,0.5]", name="z3")
-    result = train(cfg)
+                   "method.hard_share=[0.5,1.0]", "method.ema_momentum=[0.5,0.5]", "method.ema_steps_per_epoch=0",
+                   name="z3")
+    result = train(cfg, build_method)
     ours = losses(cfg.output_dir)
     assert ours == pytest.approx(plain_pytorch_losses(cfg, steps), rel=1e-4, abs=1e-5)
     rows = read_metrics(cfg.output_dir)
@@ -208,16 +239,16 @@ def test_zero3_matches_plain_pytorch_and_logs_ranking_and_hard_patches(make_cfg,
     assert all(p.dtype == torch.float32 for p in teacher.parameters())
 
 
+@pytest.mark.e2e
 def test_resume_retraces_the_same_curve(make_cfg):
     """The teacher (extra state), the schedule position and the masking noise all come back."""
     common = ["method.name=hpm", "train.steps=6", "run.ckpt_every=3", "method.hard_share=[0.5,1.0]",
-              "method.ema_momentum=[0.5,0.5]"]
+              "method.ema_momentum=[0.5,0.5]", "method.ema_steps_per_epoch=0"]
     straight = make_cfg(*common, "run.keep_last=3", name="straight")
-    train(straight)
+    train(straight, build_method)
     resumed = make_cfg(*common, name="resumed")
-    seed_checkpoint(resumed, straight.output_dir, 3)
-    train(resumed)
-    full, rest = read_metrics(straight.output_dir), read_metrics(resumed.output_dir)
+    rest, _ = resume_run(resumed, straight.output_dir, 3)
+    full = read_metrics(straight.output_dir)
     assert sorted(rest) == [4, 5, 6]
     for key in ("train/loss", "train/teacher_kendall"):
         assert [rest[s][key] for s in rest] == pytest.approx([full[s][key] for s in rest], rel=1e-6), key

@@ -1,25 +1,15 @@
 """The entry point as users run it: subprocesses, signals, two gloo ranks, the launcher environments."""
 
-import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
-from conftest import REPO, read_metrics, tiny_overrides
+import pytest
+
+from helpers import REPO, command, read_metrics, run_env
 from train.distributed import world_info_from_env
-
-
-def command(tmp_path, digits_dir, *overrides, launcher=()):
-    return [*launcher, "-m", "train.pretrain", *tiny_overrides(), f"run.output_dir={tmp_path / 'run'}",
-            f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
-
-
-def run_env():
-    """This process's environment without the rendezvous variables an in-process run may have set."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    return {**env, "PYTHONPATH": str(REPO), "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
 
 
 def test_world_info_from_launcher_variables():
@@ -33,6 +23,7 @@ def test_world_info_from_launcher_variables():
     assert (both.rank, both.world_size) == (1, 2)
 
 
+@pytest.mark.e2e
 def test_sigterm_checkpoints_and_resume_finishes(tmp_path, digits_dir):
     out = tmp_path / "run"
     proc = subprocess.Popen([sys.executable, *command(tmp_path, digits_dir, "train.steps=400")], cwd=tmp_path,
@@ -55,19 +46,43 @@ def test_sigterm_checkpoints_and_resume_finishes(tmp_path, digits_dir):
     assert max(read_metrics(out)) == stopped_at + 3
 
 
-def test_two_gloo_ranks_under_torchrun(tmp_path, digits_dir):
+TWO_RANKS = ("train.steps=4", "run.ckpt_every=2", "train.deepspeed=ds_configs/zero2.json", "data.workers=1")
+
+
+@pytest.fixture(scope="module")
+def torchrun_run(tmp_path_factory, digits_dir) -> Path:
+    """A 4-step ZeRO-2 run of two gloo ranks under torchrun (its run directory)."""
     from train.distributed import free_port
 
+    tmp_path = tmp_path_factory.mktemp("torchrun")
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    proc = subprocess.run([sys.executable, *command(tmp_path, digits_dir, "train.steps=4", "run.ckpt_every=2",
-                                                    "train.deepspeed=ds_configs/zero2.json", "data.workers=1",
-                                                    launcher=launcher)],
+    proc = subprocess.run([sys.executable, *command(tmp_path, digits_dir, *TWO_RANKS, launcher=launcher)],
                           cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = tmp_path / "run"
+    return tmp_path / "run"
+
+
+@pytest.mark.e2e
+def test_two_gloo_ranks_under_torchrun(torchrun_run):
+    out = torchrun_run
     rows = read_metrics(out)
     assert sorted(rows) == [1, 2, 3, 4]
     assert rows[4]["data/samples_seen"] == 4 * 8  # per rank; both ranks stepped together
     ckpt = out / "checkpoints" / "step_00000004"
     assert (ckpt / "rank_00000.pt").exists() and (ckpt / "rank_00001.pt").exists()
     assert len(list(ckpt.glob("*optim_states.pt"))) == 2  # ZeRO-2 partitioned the optimizer over the ranks
+
+
+@pytest.mark.e2e
+def test_accelerate_launch_runs_the_torchrun_job(tmp_path, digits_dir, torchrun_run):
+    """`accelerate launch` with the shipped DeepSpeed accelerate config: the same loss curve as torchrun's."""
+    from train.distributed import free_port
+
+    launcher = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file",
+                str(REPO / "slurm" / "accelerate_zero2.yaml"), "--num_processes", "2", "--main_process_port",
+                str(free_port())]
+    proc = subprocess.run([*launcher, *command(tmp_path, digits_dir, *TWO_RANKS)], cwd=tmp_path, env=run_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ours, theirs = read_metrics(tmp_path / "run"), read_metrics(torchrun_run)
+    assert [ours[s]["train/loss"] for s in range(1, 5)] == [theirs[s]["train/loss"] for s in range(1, 5)]

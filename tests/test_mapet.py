@@ -1,41 +1,25 @@
 """MaPeT: two-stream attention masks, no leak of a predicted patch's content, the k-CLIP loss, the
 codebook command, and training through the engine under ZeRO-1 and fully partitioned ZeRO-3."""
 
+import json
 import math
 
 import pytest
+import timm
 import torch
 import torch.nn.functional as F
-from test_engine import fully_partitioned_zero3
+from PIL import Image
 
-from conftest import read_metrics, tiny_overrides
+from data_pipeline.augment import CentreSquareJitterView
+from helpers import fully_partitioned_zero3, read_metrics
 from train.config import ConfigError
 from train.engine import train
+from train.eval.export import export
 from train.methods import build_method
 from train.methods.mapet import mapet_loss, two_stream_mask
+from train.models.ema import gathered
 from train.models.vit import ViTEncoder
-from train.teachers.codebook import main as codebook_main
 from train.teachers.kmeans import assign
-
-
-@pytest.fixture(scope="module")
-def codebook(tmp_path_factory, clip_teacher, digits_dir):
-    """16 k-CLIP codes fit by the codebook command on the tiny teacher's features of the digits."""
-    path = tmp_path_factory.mktemp("codebook") / "kclip16.pt"
-    rc = codebook_main(["--out", str(path), "--max-patches", "4000", "--workers", "0", "--batch-size", "200",
-                        "--init", "kmeans++",  # better-spread codes: the 10-step ZeRO run below learns clearly
-                        *tiny_overrides(["method.name=mapet"]), "method.name=mapet", "train.steps=1",
-                        f"method.teacher.path={clip_teacher}", f"data.train={digits_dir / 'train.json'}"])
-    assert rc == 0
-    return path
-
-
-@pytest.fixture
-def mapet_cfg(make_cfg, clip_teacher, codebook):
-    def make(*overrides, name="mapet"):
-        return make_cfg("method.name=mapet", f"method.teacher.path={clip_teacher}", f"method.codebook={codebook}",
-                        "train.steps=1", *overrides, name=name)
-    return make
 
 
 def brute_force_mask(order: list[int], num_visible: int) -> torch.Tensor:
@@ -184,11 +168,12 @@ def test_missing_or_mismatched_codebook_is_a_clear_error(mapet_cfg, tmp_path):
         mapet_cfg("method.num_visible=16")
 
 
+@pytest.mark.e2e
 def test_mapet_trains_the_same_under_zero1_and_partitioned_zero3(mapet_cfg, tmp_path):
     runs = {}
     for stage, ds in ((1, "ds_configs/zero1.json"), (3, fully_partitioned_zero3(tmp_path))):
         cfg = mapet_cfg("train.steps=10", f"train.deepspeed={ds}", name=f"mapet_z{stage}")
-        result = train(cfg)
+        result = train(cfg, build_method)
         runs[stage] = read_metrics(cfg.output_dir)
         method = result.engine.module
         assert not any(n.startswith("tokenizer") for n, _ in method.named_parameters())  # not DeepSpeed's
@@ -203,8 +188,9 @@ def test_mapet_trains_the_same_under_zero1_and_partitioned_zero3(mapet_cfg, tmp_
     assert all(0.0 <= runs[1][s]["train/token_acc"] <= 1.0 for s in runs[1])
 
 
+@pytest.mark.e2e
 def test_bf16_student_with_an_fp32_teacher(mapet_cfg):
-    result = train(mapet_cfg("train.steps=2", "train.precision=bf16", name="mapet_bf16"))
+    result = train(mapet_cfg("train.steps=2", "train.precision=bf16", name="mapet_bf16"), build_method)
     method = result.engine.module
     assert method.encoder.vit.pos_embed.dtype == torch.bfloat16  # DeepSpeed cast the student ...
     assert all(p.dtype == torch.float32 for p in method.tokenizer.teacher.model.parameters())  # ... not the teacher
@@ -212,10 +198,6 @@ def test_bf16_student_with_an_fp32_teacher(mapet_cfg):
 
 
 def test_pretraining_view_is_a_centre_square_crop_with_jitter_and_no_flip():
-    from PIL import Image
-
-    from data_pipeline.augment import CentreSquareJitterView
-
     torch.manual_seed(0)
     pixels = torch.randint(0, 256, (3, 30, 50), dtype=torch.uint8)  # a landscape image: the centre 30x30 is kept
     img = Image.fromarray(pixels.permute(1, 2, 0).numpy())
@@ -227,15 +209,9 @@ def test_pretraining_view_is_a_centre_square_crop_with_jitter_and_no_flip():
     assert torch.equal(CentreSquareJitterView(30)(portrait)["teacher_images"], pixels.permute(0, 2, 1)[:, 10:40])
 
 
+@pytest.mark.e2e
 def test_layer_scale_recipe_trains_on_the_un_jittered_tokens_and_exports_to_timm(mapet_cfg, tmp_path):
-    import json
-
-    import timm
-
-    from train.eval.export import export
-    from train.models.ema import gathered
-
-    cfg = mapet_cfg("model.init_values=0.1", "data.views=mapet", "train.steps=2", name="mapet_ls")
+    cfg = mapet_cfg("model.init_values=0.1", "train.steps=2", name="mapet_ls")
     method = build_method(cfg)
     assert torch.equal(method.encoder.vit.blocks[0].ls1.gamma, torch.full((32,), 0.1))
     seen = []
@@ -244,7 +220,8 @@ def test_layer_scale_recipe_trains_on_the_un_jittered_tokens_and_exports_to_timm
     batch = {"images": torch.randn(2, 3, 16, 16), "teacher_images": torch.randn(2, 3, 16, 16)}
     method(batch)
     assert seen[0] is batch["teacher_images"]  # the targets come from the crop without colour jitter
-    encoder = train(cfg).engine.module.encoder
+    assert cfg.data.views == "mapet"  # MaPeT's default view
+    encoder = train(cfg, build_method).engine.module.encoder
     out = export(cfg.output_dir, tmp_path / "export")
     assert json.loads((out / "config.json").read_text())["model_args"]["init_values"] == 0.1
     model = timm.create_model(f"local-dir:{out}", pretrained=True).eval()

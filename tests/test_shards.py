@@ -10,7 +10,8 @@ import pytest
 from PIL import Image
 
 from data_pipeline import shards
-from data_pipeline.shards import convert, folder_sources, list_sources, main, verify
+from data_pipeline.shards import convert, folder_sources, list_sources, verify
+from data_pipeline.shards.__main__ import main
 
 
 def image_bytes(value: int, size=(24, 18), mode="RGB", fmt="JPEG") -> bytes:
@@ -161,6 +162,7 @@ def test_shard_size_target_and_max_side(tmp_path):
     assert {Image.open(io.BytesIO(s["data"])).size for s in images.values()} == {(12, 9)}
 
 
+@pytest.mark.e2e
 def test_file_list_and_csv_inputs(tmp_path):
     root = make_folder(tmp_path / "imgs", per_class=2)
     (tmp_path / "names.csv").write_text("path,label\nimgs/a/0.jpg,cat\nimgs/b/1.jpg,dog\n\"imgs/c/0.jpg\",cat\n")
@@ -193,6 +195,7 @@ def rewrite_member(tar_path: Path, member_name: str, data: bytes) -> None:
             tar.addfile(member, io.BytesIO(content))
 
 
+@pytest.mark.e2e
 def test_verify_reports_bad_samples_by_key(tmp_path, capsys):
     root = make_folder(tmp_path / "imgs", per_class=4)
     sources, classes = folder_sources(root)

@@ -6,11 +6,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_engine import fully_partitioned_zero3
 
-from conftest import read_metrics
+from helpers import fully_partitioned_zero3, read_metrics
 from train.distributed import all_gather_with_grad, free_port
 from train.engine import train
+from train.methods import build_method
 from train.methods.moco_v3 import moco_v3_loss
 from train.methods.simclr import nt_xent_loss
 
@@ -94,12 +94,13 @@ def test_single_process_gather_is_identity():
     assert all_gather_with_grad(x) is x
 
 
+@pytest.mark.e2e
 def test_simclr_zero3_matches_zero1(make_cfg, tmp_path):
     zero1 = make_cfg("method.name=simclr", "train.steps=4", name="zero1")
-    train(zero1)
+    train(zero1, build_method)
     zero3 = make_cfg("method.name=simclr", "train.steps=4", f"train.deepspeed={fully_partitioned_zero3(tmp_path)}",
                      name="zero3")
-    train(zero3)
+    train(zero3, build_method)
     ref, rows = read_metrics(zero1.output_dir), read_metrics(zero3.output_dir)
     assert sorted(rows) == [1, 2, 3, 4]
     assert [rows[s]["train/loss"] for s in rows] == pytest.approx([ref[s]["train/loss"] for s in rows], rel=1e-4)

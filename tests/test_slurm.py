@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from conftest import REPO, read_metrics, tiny_overrides
+from helpers import REPO, read_metrics, tiny_overrides
 from train.distributed import cuda_index, free_port, rendezvous_env
 
 FAKE_BIN = REPO / "tests" / "fake_slurm"
@@ -57,6 +57,7 @@ def test_gpu_choice_per_process():
         cuda_index(5, 4)
 
 
+@pytest.mark.e2e
 def test_script_rejects_a_bad_job_before_starting(tmp_path, digits_dir):
     outside = {k: v for k, v in slurm_env(tmp_path).items() if k != "SLURM_JOB_ID"}
     run = subprocess.run(script(digits_dir), env=outside, cwd=tmp_path, capture_output=True, text=True)
@@ -67,6 +68,7 @@ def test_script_rejects_a_bad_job_before_starting(tmp_path, digits_dir):
     assert not (tmp_path / "scontrol.log").exists()
 
 
+@pytest.mark.e2e
 def test_time_limit_checkpoints_requeues_and_the_requeued_job_resumes(tmp_path, digits_dir):
     """Job 4242 on 2 nodes: started by the deepspeed launcher (hostfile, one launcher per node), USR1 to the
     batch script as Slurm sends it before the time limit; then the requeued job (same id) runs under srun."""

@@ -1,15 +1,17 @@
 """Speed options leave the numbers alone (regional torch.compile, activation checkpointing); benchmark baseline."""
 
 import pytest
-from test_engine import fully_partitioned_zero3, losses, plain_pytorch_losses
 
+from helpers import fully_partitioned_zero3, losses, plain_pytorch_losses
 from train.config import ConfigError
 from train.engine import train
+from train.methods import build_method
 
 
+@pytest.mark.e2e
 def test_compiled_blocks_give_the_eager_losses(make_cfg):
     cfg = make_cfg("train.steps=3", "train.compile=aot_eager", name="compiled")
-    module = train(cfg).engine.module
+    module = train(cfg, build_method).engine.module
     assert all(block._compiled_call_impl is not None for block in module.encoder.vit.blocks)
     assert all(block._compiled_call_impl is not None for block in module.decoder.blocks)
     assert losses(cfg.output_dir) == pytest.approx(plain_pytorch_losses(cfg, 3), rel=1e-4, abs=1e-5)
@@ -22,10 +24,11 @@ def test_compile_settings_are_checked_up_front(make_cfg, tmp_path):
         make_cfg("train.steps=1", "train.compile=inductor", f"train.deepspeed={fully_partitioned_zero3(tmp_path)}")
 
 
+@pytest.mark.e2e
 def test_activation_checkpointing_under_partitioned_zero3_gives_the_same_losses(make_cfg, tmp_path):
     cfg = make_cfg("train.steps=3", "model.grad_checkpointing=true",
                    f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", name="ckpt_z3")
-    train(cfg)
+    train(cfg, build_method)
     cfg.model.grad_checkpointing = False  # the reference: plain PyTorch storing every activation
     assert losses(cfg.output_dir) == pytest.approx(plain_pytorch_losses(cfg, 3), rel=1e-4, abs=1e-5)
 
@@ -51,6 +54,16 @@ def test_benchmark_target_checks():
     assert target_checks(cells) == ["PASS engine overhead vit_l16 mae zero2: +3.7% (target <= 5%)",
                                     "PASS MAE ViT-L engine 2600 img/s = 1.32x the reference 1973 (target >= 1.3x)"]
     assert "0.963" in table(cells) and "OOM" in table(cells)
+
+
+def test_benchmark_zero3_and_dino_targets():
+    from benchmarks.step_throughput import target_checks
+
+    cells = [{"model": "vit_l16", "method": "full", "backend": "plain", "img_per_s": 1000.0},
+             {"model": "vit_l16", "method": "full", "backend": "zero3", "img_per_s": 880.0},
+             {"model": "vit_l16", "method": "dino", "backend": "zero1", "img_per_s": 310.0}]
+    assert target_checks(cells) == ["FAIL ZeRO-3 full-token vit_l16 0.880x plain (target >= 0.9x)",
+                                    "PASS DINO ViT-L/16 (2x224 + 8x96) 310 img/s per GPU (target >= 300)"]
 
 
 def test_scaling_estimate_communication_volume():

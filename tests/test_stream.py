@@ -13,7 +13,8 @@ from PIL import Image
 from data_pipeline.augment import DeviceSingleView, SingleView, build_views
 from data_pipeline.shards import Sample, write_shards
 from data_pipeline.stream import EvalStream, StreamLoader, resolve_shards
-from train.config import ConfigError, DataConfig, load_config
+from train.config import ConfigError, DataConfig
+from train.recipe import load_config
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -187,41 +188,47 @@ def test_device_path_resumes_exactly_and_counts_in_the_checkpoint(digits_dir):
 
 
 def test_views_follow_the_official_recipes_and_are_configurable():
-    def transforms(view):
-        return [t for t in view.transforms]
+    from data_pipeline.augment import DeviceMultiView, MultiView, ViewRecipe
 
     single = build_views(DataConfig(), 224)
     assert isinstance(single, SingleView) and single.crop_scale == (0.2, 1.0)  # MAE
     moco = build_views(DataConfig(views="moco_v3"), 224)
-    crop, _, jitter, gray, blur = transforms(moco.first)[:5]
-    assert crop.scale == (0.08, 1.0) and crop.interpolation.value == "bilinear"  # main_moco.py: crop_min 0.08
-    assert jitter.p == 0.8 and jitter.transforms[0].brightness == (0.6, 1.4) and gray.p == 0.2 and blur.p == 1.0
-    assert transforms(moco.second)[4].p == 0.1 and transforms(moco.second)[5].p == 0.2  # blur 0.1, solarize 0.2
-    assert transforms(moco.first)[4].transforms[0].kernel_size == (23, 23)  # 10% of 224, as BYOL
+    first, second = moco.groups["views"]
+    # main_moco.py: crop_min 0.08, bilinear, jitter (0.4, 0.4, 0.2, 0.1) p 0.8, gray 0.2, blur 1 / 0.1, solarize 0 / 0.2
+    assert first == ViewRecipe(224, (0.08, 1.0), "bilinear", (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 1.0, 0.0)
+    assert second == ViewRecipe(224, (0.08, 1.0), "bilinear", (0.4, 0.4, 0.2, 0.1), 0.8, 0.2, 0.1, 0.2)
+    assert first.sigma == (0.1, 2.0) and first.hflip == 0.5 and first.ratio == (3 / 4, 4 / 3)
     simclr = build_views(DataConfig(views="simclr", jitter_strength=0.5), 224)
-    jitter = transforms(simclr.first)[2].transforms[0]
-    assert jitter.brightness == (0.6, 1.4) and jitter.hue == (-0.1, 0.1)  # 0.8 s, 0.2 s at s = 0.5
+    assert simclr.groups["views"] == [ViewRecipe(224, (0.08, 1.0), "bicubic", (0.4, 0.4, 0.4, 0.1), blur_p=0.5)] * 2
     dino = build_views(DataConfig(views="dino", local_crops=6, local_size=96, crop_scale=(0.25, 1.0)), 224)
-    assert transforms(dino.global_views.first)[0].scale == (0.25, 1.0) and dino.num_local == 6
-    assert transforms(dino.local)[0].scale == (0.05, 0.4) and transforms(dino.local)[4].p == 0.5
-    assert build_views(DataConfig(views="dino"), 224).global_views.first.transforms[0].scale == (0.4, 1.0)
+    assert [r.blur_p for r in dino.groups["views"]] == [1.0, 0.1] and dino.groups["views"][0].scale == (0.25, 1.0)
+    assert [r.solarize_p for r in dino.groups["views"]] == [0.0, 0.2]
+    assert dino.groups["local_views"] == [ViewRecipe(96, (0.05, 0.4), "bicubic", blur_p=0.5)] * 6
+    assert build_views(DataConfig(views="dino"), 224).groups["views"][1].scale == (0.4, 1.0)
+    assert "local_views" not in build_views(DataConfig(views="dino", local_crops=0), 32).groups
     assert isinstance(build_views(DataConfig(decode="gpu"), 16), DeviceSingleView)
     assert isinstance(build_views(DataConfig(decode="auto"), 16, torch.device("cpu")), SingleView)  # auto-off on CPU
+    for views in ("moco_v3", "simclr", "dino"):
+        assert isinstance(build_views(DataConfig(views=views, decode="gpu"), 16), DeviceMultiView)
+        assert type(build_views(DataConfig(views=views), 16, torch.device("cpu"))) is MultiView
     tiny = ["model.img_size=32", "model.patch_size=4", "model.embed_dim=32", "model.num_heads=2", "train.steps=1"]
     cfg = load_config(None, tiny + ["data.views=dino", "data.jitter_strength=0.5", "data.local_crops=2"])
     assert cfg.data.crop_scale is None and cfg.data.jitter_strength == 0.5
     with pytest.raises(ConfigError, match="data.decode='nvjpeg': choose one of"):
         load_config(None, tiny + ["data.decode=nvjpeg"])
-    with pytest.raises(ConfigError, match="data.decode=gpu decodes single views only, not data.views='dino'"):
-        load_config(None, tiny + ["data.decode=gpu", "data.views=dino"])
+    with pytest.raises(ConfigError, match="data.decode=gpu: data.views='finetune' .RandAugment. runs in the CPU"):
+        load_config(None, tiny + ["data.decode=gpu", "data.views=finetune"])
+    assert load_config(None, tiny + ["data.decode=gpu", "data.views=dino"]).data.decode == "gpu"
 
 
+@pytest.mark.e2e
 def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
     """Through the engine with decoding in the training process (the GPU path's code, here on the CPU)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from conftest import read_metrics
+    from helpers import read_metrics
     from train.engine import train
+    from train.methods import build_method
 
     samples = [Sample(f"k{i}", photo(i, (20, 20)), "jpg", i % 4, str(i % 4)) for i in range(40)]
     for i in (3, 17, 29):
@@ -229,7 +236,7 @@ def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
     write_shards(samples, tmp_path / "bad", "train", [str(c) for c in range(4)], max_count=10)
     cfg = make_cfg("train.steps=6", f"data.train={tmp_path / 'bad' / 'train.json'}", "data.decode=gpu",
                    name="skips")
-    train(cfg)
+    train(cfg, build_method)
     rows = read_metrics(cfg.output_dir)
     assert rows[6]["data/samples_seen"] == 48  # 48 good samples read: one full pass of 37 and more
     assert rows[6]["data/skipped"] >= 3
@@ -239,15 +246,27 @@ def test_skipped_samples_reach_tensorboard(make_cfg, tmp_path):
     assert logged == [rows[s]["data/skipped"] for s in sorted(rows)] and logged == sorted(logged)
 
 
+@pytest.mark.e2e
 def test_data_throughput_benchmark_prints_its_table(tmp_path, capsys):
     from benchmarks.data_throughput import main, synthetic_jpeg
 
     assert 80_000 < len(synthetic_jpeg(0)) < 140_000  # ImageNet-like: 500x375, about 110 KB
     rows = main(["--dir", str(tmp_path), "--images", "8", "--shard-size", "4", "--source-size", "64x48",
-                 "--img-size", "32", "--batch-size", "4", "--workers", "0,1", "--seconds", "0.2", "--warmup", "1"])
+                 "--img-size", "32", "--batch-size", "4", "--workers", "0,1", "--seconds", "0.2", "--warmup", "1",
+                 "--repeats", "1"])
     assert [(r["path"], r["workers"]) for r in rows][:4] == [("cpu", 0), ("cpu", 1), ("gpu-workers", 0),
                                                              ("gpu-workers", 1)]
     assert all(r["img_s"] > 0 for r in rows)
+    assert rows[-1]["path"] == "official" and rows[-1]["ratio"] > 0
     out = capsys.readouterr().out
     assert "target: 3 x 2600 img/s (MAE ViT-L on one H100) = 7800 img/s" in out
     assert "cpu on a 16-core node, extrapolated:" in out
+    assert "per core, single: ours / official recipe = " in out and "target >= 1.0x: " in out
+    # a multi-view recipe: the official DINO pipeline beside ours, and the device path's worker side
+    rows = main(["--dir", str(tmp_path), "--images", "8", "--shard-size", "4", "--source-size", "64x48", "--views",
+                 "dino", "--img-size", "32", "--batch-size", "2", "--workers", "0", "--seconds", "0.05",
+                 "--warmup", "1", "--repeats", "2"])
+    assert [r["path"] for r in rows] == ["cpu", "gpu-workers", "official"] and len(rows[-1]["runs"]) == 2
+    out = capsys.readouterr().out
+    assert "per core, dino: ours / official recipe = " in out
+    assert "target: GPU path >= 3 x the training step on one GPU (img/s): unmeasured" in out

@@ -7,11 +7,14 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from conftest import TINY_CLIP, timm_to_openai_clip, timm_to_openai_resnet, tiny_resnet_clip
-from train.config import ConfigError, load_config
+from helpers import TINY_CLIP, timm_to_openai_clip, timm_to_openai_resnet, tiny_resnet_clip
+from train.config import ConfigError
+from train.engine import train
+from train.methods import build_method
+from train.recipe import load_config
 from train.teachers.clip import CLIP_MEAN, CLIP_STD, FrozenTeacher, TeacherConfig, align_to_grid, load_tower
-from train.teachers.codebook import KCLIPTokenizer
 from train.teachers.kmeans import assign, kmeans
+from train.teachers.tokenizer import KCLIPTokenizer
 
 
 def torchscript_archive(state: dict, path) -> None:
@@ -144,17 +147,16 @@ def test_align_to_grid_resamples_at_patch_centres():
     assert align_to_grid(teacher, (16, 16), (16, 16)) is teacher
 
 
+@pytest.mark.e2e
 @pytest.mark.parametrize("stage", [1, 3])
 def test_a_pretrained_encoder_exported_as_a_teacher(make_cfg, tmp_path, stage):
-    from test_engine import fully_partitioned_zero3
-
-    from train.engine import train
+    from helpers import fully_partitioned_zero3
     from train.models.ema import gathered
     from train.teachers.export import export_encoder
 
     ds = fully_partitioned_zero3(tmp_path) if stage == 3 else "ds_configs/zero1.json"
     cfg = make_cfg("train.steps=2", f"train.deepspeed={ds}", name=f"mae_z{stage}")
-    encoder = train(cfg).engine.module.encoder
+    encoder = train(cfg, build_method).engine.module.encoder
     meta = export_encoder(cfg.output_dir, tmp_path / "teacher.pth")
     assert meta["model"]["num_heads"] == 2
     teacher = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224",
@@ -167,20 +169,32 @@ def test_a_pretrained_encoder_exported_as_a_teacher(make_cfg, tmp_path, stage):
 @pytest.mark.parametrize("config", ["mapet_demo", "mapet_vit_b", "mapet_vit_l", "digpt_demo", "digpt_vit_b",
                                     "digpt_vit_l"])
 def test_shipped_configs_are_valid(config, clip_teacher):
-    from conftest import REPO
+    from helpers import REPO
 
     cfg = load_config(REPO / "train" / "configs" / f"{config}.yaml", [f"method.teacher.path={clip_teacher}"])
     assert cfg.method.name == config.split("_")[0] and cfg.run.name == config
 
 
-def test_supervised_demo_teacher_learns_and_loads(make_cfg, tmp_path):
-    from train.teachers.supervised import train_teacher
+@pytest.mark.e2e
+def test_finetuned_demo_teacher_learns_and_loads(make_cfg, tmp_path):
+    """The demo's stand-in CLIP: the finetune method from a random encoder, then exported as a teacher file."""
+    from train.eval.metrics import evaluate_classifier
+    from train.teachers.export import export_encoder
 
-    cfg = make_cfg("train.steps=1", "data.batch_size=32", "run.log_every=100")
-    accuracy = train_teacher(cfg, str(tmp_path / "teacher.pth"), steps=80, lr=3e-3)
+    cfg = make_cfg("method.name=finetune", "method.pool=token", "data.views=finetune", "data.rand_augment=",
+                   "method.mixup=0", "method.cutmix=0", "method.random_erase=0", "method.label_smoothing=0",
+                   "method.head_init_std=0.1",
+                   "train.steps=150", "data.batch_size=32", "optim.base_lr=2.4e-2", "optim.warmup_steps=15",
+                   "optim.betas=[0.9,0.999]", "run.log_every=100", "run.ckpt_every=100", name="demo_teacher")
+    module = train(cfg, build_method).engine.module
+    accuracy = evaluate_classifier(module, cfg.data.val, cfg.model.img_size, cfg.data.mean, cfg.data.std)["top1"]
     assert accuracy > 30.0  # ten digit classes: chance is 10%
+    export_encoder(cfg.output_dir, tmp_path / "teacher.pth")
     tower = load_tower(TeacherConfig(path=str(tmp_path / "teacher.pth"), model="vit_base_patch16_224", num_heads=2))
     assert tower.embed_dim == 32 and len(tower.blocks) == 2
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.allclose(tower.forward_features(images), module.encoder.eval()(images), atol=1e-5)
 
 
 # ------------------------------------------------------------------------------ CLIP ResNet (MaPeT's k-CLIP)

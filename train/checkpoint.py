@@ -126,26 +126,47 @@ def read_meta(ckpt_dir: Path, tag: str) -> dict:
     return json.loads((ckpt_dir / tag / MARKER).read_text())
 
 
-def load_weights(module: torch.nn.Module, path: str | Path) -> int:
-    """Load the model weights of a complete checkpoint (a `step_N` directory, or the newest complete one
-    under a checkpoints directory; any ZeRO stage and world size) into a plain `module`; returns its step.
+def read_fp32_state(tag_dir: Path, prefixes: tuple[str, ...] = ()) -> dict:
+    """fp32 weights of one complete DeepSpeed checkpoint (any ZeRO stage and world size): the keys under
+    `prefixes` (all when empty), the only reader of weights out of DeepSpeed's files.
 
-    Parameters come from DeepSpeed's zero_to_fp32 (fp32 master weights); what it leaves out (extra
-    state such as EMA teachers, frozen parameters under ZeRO-1/2) from the rank-0 model-state file.
+    Trained parameters come from the fp32 master weights (DeepSpeed's zero_to_fp32, read lazily: only the
+    tensors asked for are materialised); what that leaves out (extra state such as EMA teachers, frozen
+    parameters under ZeRO-0/1, e.g. fixed sin-cos positions) from the rank-0 model-state file.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    tag_dir = Path(tag_dir)
+    wanted = (lambda key: key.startswith(prefixes)) if prefixes else (lambda key: True)
+    state = {}
+    if any(tag_dir.glob("*_optim_states.pt")):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint  # heavy: DeepSpeed
 
+        lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
+        state = {k: v.contiguous().float() for k, v in lazy.items() if wanted(k)}
+    model_states = sorted(tag_dir.glob("*model_states.pt"))  # ZeRO 0-2: mp_rank_00 (all); ZeRO-3: rank 0's file
+    if model_states:
+        saved = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
+        state.update({k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in saved.items()
+                      if wanted(k) and k not in state
+                      and (k.endswith("_extra_state") or v.numel() > 0)})  # ZeRO-3: empty placeholders
+    return state
+
+
+def complete_tag_dir(path: str | Path, key: str = "checkpoint") -> Path:
+    """The `step_N` directory `path` names, or the newest complete one under a checkpoints directory."""
     path = Path(path)
     ckpt_dir, tag = (path.parent, path.name) if TAG_RE.match(path.name) else (path, find_resume_tag(path))
     if tag is None or not (ckpt_dir / tag / MARKER).exists():
-        raise FileNotFoundError(f"{path}: not a complete checkpoint (no {MARKER} marker) nor a directory holding one")
-    state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag)
-    model_states = sorted((ckpt_dir / tag).glob("*model_states.pt"))[0]
-    saved = torch.load(model_states, map_location="cpu", weights_only=False)["module"]
-    state.update({k: v for k, v in saved.items()
-                  if k not in state and (k.endswith("_extra_state") or v.numel() > 0)})  # ZeRO-3: placeholders
-    module.load_state_dict(state)
-    return read_meta(ckpt_dir, tag)["step"]
+        raise FileNotFoundError(f"{key}: {path}: not a complete checkpoint (no {MARKER} marker) nor a directory "
+                                "holding one")
+    return ckpt_dir / tag
+
+
+def load_weights(module: torch.nn.Module, path: str | Path) -> int:
+    """Load the model weights of a complete checkpoint (a `step_N` directory, or the newest complete one
+    under a checkpoints directory; any ZeRO stage and world size) into a plain `module`; returns its step."""
+    tag_dir = complete_tag_dir(path)
+    module.load_state_dict(read_fp32_state(tag_dir))
+    return read_meta(tag_dir.parent, tag_dir.name)["step"]
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict | None]:

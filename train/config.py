@@ -1,27 +1,35 @@
-"""Typed run configuration: dataclass defaults, a YAML delta per run, dotted command-line overrides.
+"""Typed run configuration: the section dataclasses, YAML deltas + dotted overrides, section-local checks.
 
-`load_config("train/configs/mae_demo.yaml", ["optim.base_lr=1e-3", "model.depth=4"])` returns a
-validated `Config`. Every mistake (unknown key, wrong type, impossible combination) raises
+The bottom layer: it imports nothing of the project. `read_tree(files, overrides)` merges YAML files
+(later ones win) and `a.b=value` overrides into one nested dict; a file may start with
+`_base_: [a.yaml, ...]`: those files (paths relative to it, themselves with includes) are merged first,
+in order, and the file's own keys go over them, so a recipe states only what differs from its bases.
+`from_dict(Config, tree, method_config)` types it (the method section's dataclass comes from
+`method_config(name)`); `validate` checks each section on its own. `train.recipe.load_config` composes
+these with the method registry. Every mistake (unknown key, wrong type, impossible combination) raises
 `ConfigError` with one line naming the key, before any model or process group is built.
-A list of YAML files is merged in order (later files win).
 """
 
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+PACKAGE_DIR = Path(__file__).resolve().parent
+REPO_ROOT = PACKAGE_DIR.parent
 PRECISIONS = ("auto", "bf16", "fp32")
 VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune", "mapet")
 DECODE = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd", "lars")
+DEFAULT_METHOD = "mae"
 
 
 class ConfigError(ValueError):
@@ -55,7 +63,7 @@ class DataConfig:
     crop_scale: tuple[float, float] | None = None  # of the (global) crops; unset: the recipe's (0.2 / 0.08 / 0.4)
     hflip: float = 0.5  # for "single"; the other recipes always flip with p=0.5
     jitter_strength: float = 1.0  # scales the recipe's colour jitter (SimCLR's color_jitter_strength)
-    decode: str = "auto"  # auto (on the GPU for "single" views when CUDA is there) | cpu | gpu
+    decode: str = "auto"  # auto (decode + augment on the GPU when CUDA is there; finetune: CPU) | cpu | gpu
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm RandAugment policy of the finetune view ("": off)
     local_crops: int = 8  # dino
     local_size: int = 96
@@ -88,6 +96,9 @@ class OptimConfig:
     warmup_epochs: float = 0.0
     warmup_steps: int = 0  # used when warmup_epochs is 0
     clip_grad: float = 0.0  # 0: off
+    clip_per_param: bool = False  # clip each parameter's gradient to norm clip_grad (DINO's clip_gradients), not the
+    #                               global norm over all parameters (DeepSpeed's gradient_clipping)
+    decay_all: bool = False  # weight decay on every parameter, norms, biases and tokens too (MoCo v3's AdamW)
     optimizer: str = "adamw"  # adamw | sgd | lars (LARS: MAE's linear probe; needs ZeRO stage 0 and fp32)
     momentum: float = 0.9  # sgd and lars
     layer_decay: float = 1.0  # layer-wise lr decay (BEiT/MAE fine-tuning): lr x decay^(depth + 1 - layer); 1: off
@@ -97,10 +108,16 @@ class OptimConfig:
 class TrainConfig:
     epochs: float = 0.0  # length in passes over `data.train` (needs its sample count) ...
     steps: int = 0  # ... or in optimizer steps; exactly one of them is set
+    budget: float = 0.0  # > 0: run for this fraction of the training FLOPs of the uncompressed run of epochs/steps,
+    #                      the number of steps chosen so that the compression schedule's total FLOPs equal it
+    budget_flops: float = 0.0  # > 0: the same with an absolute budget of training FLOPs (all ranks together)
     global_batch_size: int = 0  # 0: batch_size x world size (no accumulation)
+    accept_micro_batch_statistics: bool = False  # allow gradient accumulation for methods whose loss couples the
+    #      images of a batch (contrastive negatives, BatchNorm, DINO's centre): each micro-batch is then its own batch
     precision: str = "auto"  # auto: bf16 on GPU, fp32 on CPU
     deepspeed: str = "ds_configs/zero1.json"
     compile: str = ""  # torch.compile backend for every transformer block ("inductor" on GPU); "" = eager
+    max_skipped_steps: int = 20  # optimizer steps in a row DeepSpeed may skip (overflow, non-finite grad norm)
 
 
 @dataclass
@@ -109,6 +126,8 @@ class EvalConfig:
     knn_k: int = 20
     knn_temperature: float = 0.07
     probe_epochs: int = 100
+    every: int = 0  # steps between online monitors (k-NN, RankMe, feature std on a data.val subset); 0: off
+    monitor_samples: int = 2000  # size of that fixed subset (rounded up to whole batches)
 
 
 @dataclass
@@ -116,10 +135,12 @@ class ScheduleConfig:
     """A value as a pure function of training progress p in [0, 1] (train/compression.py:schedule_value)."""
 
     kind: str = "constant"  # constant (`start` throughout) | step | linear | cosine (start -> end by `until`)
+    #                         | piecewise (`values` over equal stretches of training)
     start: float = 1.0  # value at the start of training
     end: float = 1.0  # value from `until` on
     until: float = 1.0  # fraction of training at which the value reaches `end`
     stages: int = 1  # step: constant stages between start and end (values evenly spaced)
+    values: list[float] = field(default_factory=list)  # piecewise: value i over the i-th of len(values) stretches
 
 
 @dataclass
@@ -145,18 +166,6 @@ class Config:
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir or f"runs/{self.run.name}")
-
-
-def _method_class(name: Any):
-    from train.methods import METHODS
-
-    if name not in METHODS:
-        raise ConfigError(f"method.name: unknown method {name!r}; choose one of {sorted(METHODS)}")
-    return METHODS[name]
-
-
-def _method_config_class(name: Any):
-    return _method_class(name).Config
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
@@ -210,8 +219,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r} ({type(value).__name__})")
 
 
-def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
-    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types."""
+def from_dict(cls: type, data: Any, prefix: str = "", method_config: Callable[[str], type] | None = None) -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and wrong types.
+
+    For `Config`, `method_config(name)` gives the dataclass of the method section (`method.name`, default mae).
+    """
     if data is None:
         data = {}
     if not isinstance(data, dict):
@@ -231,12 +243,14 @@ def from_dict(cls: type, data: Any, prefix: str = "") -> Any:
             method = data[name] or {}
             if not isinstance(method, dict):
                 raise ConfigError(f"method: expected a mapping with a 'name', got {method!r}")
-            kwargs[name] = from_dict(_method_config_class(method.get("name", "mae")), method, "method.")
+            kwargs[name] = from_dict(method_config(method.get("name", DEFAULT_METHOD)), method, "method.")
         else:
             kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
     obj = cls(**kwargs)
     if cls is Config and obj.method is None:
-        obj.method = _method_config_class("mae")()
+        obj.method = method_config(DEFAULT_METHOD)()
+    if cls is Config and "views" not in (data.get("data") or {}):
+        obj.data.views = getattr(obj.method, "default_views", "single")  # the views the method trains on
     return obj
 
 
@@ -275,36 +289,82 @@ def _merge(tree: dict, delta: dict) -> dict:
     return tree
 
 
-def load_config(path: str | Path | list | None = None, overrides: list[str] = (), world_size: int = 1) -> Config:
-    """Read YAML deltas over the defaults (several files: later ones win), apply `a.b=value` overrides, validate."""
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict:
+    """One YAML file as a tree, its `_base_:` includes (relative to it, nested) merged underneath in order.
+
+    An empty file, a key given twice in one mapping and a top level that is not a mapping are errors."""
+    file = resolve_path(path)
+    where = f" (in _base_ of {_chain[-1]})" if _chain else ""
+    if not file.is_file():
+        raise ConfigError(f"config file not found: {path}{where}")
+    if file.resolve() in _chain:
+        raise ConfigError(f"{file}: _base_ include cycle: {' -> '.join(map(str, _chain + (file.resolve(),)))}")
+    try:
+        delta = yaml.load(file.read_text(), Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"{file}:{line} not valid YAML ({problem})") from None
+    if delta is None:
+        raise ConfigError(f"{file}: the file is empty; give at least one section of settings or drop it{where}")
+    if not isinstance(delta, dict):
+        raise ConfigError(f"{file}: top level must be a mapping of sections, got {type(delta).__name__}")
+    bases = delta.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) for b in bases):
+        raise ConfigError(f"{file}: _base_ must be a file name or a list of file names, got {bases!r}")
+    tree: dict = {}
+    for base in bases:
+        _merge(tree, read_yaml(file.parent / base, _chain + (file.resolve(),)))
+    return _merge(tree, delta)
+
+
+def read_tree(path: str | Path | list | None = None, overrides: list[str] = ()) -> dict:
+    """YAML deltas (several files: later ones win) with `a.b=value` overrides applied, as one nested dict."""
     tree: dict = {}
     paths = [] if path is None else [path] if isinstance(path, str | Path) else list(path)
-    for file in map(Path, paths):
-        if not file.is_file():
-            raise ConfigError(f"config file not found: {file}")
-        try:
-            delta = yaml.safe_load(file.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{file}: not valid YAML ({str(err).splitlines()[0]})") from None
-        if not isinstance(delta, dict):
-            raise ConfigError(f"{file}: top level must be a mapping of sections")
-        _merge(tree, delta)
+    for file in paths:
+        _merge(tree, read_yaml(file))
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
-    cfg = from_dict(Config, tree)
-    validate(cfg, world_size)
-    return cfg
+    return tree
 
 
-def resolve_path(path: str) -> Path:
-    """A path as given, else relative to the repository (ds_configs/... from any working directory)."""
+def resolve_path(path: str | Path) -> Path:
+    """A path as given, else relative to the repository, else to the installed package (which carries
+    ds_configs/ and configs/ inside `train/`): ds_configs/... and train/configs/... from any directory."""
     p = Path(path)
-    return p if p.exists() or p.is_absolute() else REPO_ROOT / p
+    if p.exists() or p.is_absolute():
+        return p
+    for candidate in (REPO_ROOT / p, PACKAGE_DIR / p):
+        if candidate.exists():
+            return candidate
+    return REPO_ROOT / p
 
 
 def validate(cfg: Config, world_size: int = 1) -> None:
-    """Reject impossible combinations with one line each."""
+    """Reject impossible combinations within the sections with one line each (the method's own checks and
+    what depends on the method come after, in `train.recipe.load_config`)."""
     m, d, t, o = cfg.model, cfg.data, cfg.train, cfg.optim
+    for key in ("img_size", "patch_size", "embed_dim", "depth", "num_heads"):
+        if getattr(m, key) < 1:
+            raise ConfigError(f"model.{key}={getattr(m, key)} must be >= 1")
+    if m.mlp_ratio <= 0 or not 0 <= m.drop_path < 1:
+        raise ConfigError(f"model.mlp_ratio={m.mlp_ratio} must be > 0 and model.drop_path={m.drop_path} in [0, 1)")
     if m.img_size % m.patch_size:
         raise ConfigError(f"model.img_size={m.img_size} is not divisible by model.patch_size={m.patch_size}")
     if m.embed_dim % m.num_heads:
@@ -327,8 +387,10 @@ def validate(cfg: Config, world_size: int = 1) -> None:
             raise ConfigError(f"data.{key}={getattr(d, key)} must satisfy 0 < min <= max <= 1")
     if d.decode not in DECODE:
         raise ConfigError(f"data.decode={d.decode!r}: choose one of {DECODE}")
-    if d.decode == "gpu" and d.views != "single":
-        raise ConfigError(f"data.decode=gpu decodes single views only, not data.views={d.views!r}; use auto or cpu")
+    if d.decode == "gpu" and d.views in ("finetune", "mapet"):
+        what = {"finetune": "RandAugment", "mapet": "centre crop + jitter"}[d.views]
+        raise ConfigError(f"data.decode=gpu: data.views={d.views!r} ({what}) runs in the CPU workers; "
+                          "use auto or cpu")
     if d.jitter_strength < 0:
         raise ConfigError(f"data.jitter_strength={d.jitter_strength} must be >= 0")
     if (t.epochs > 0) == (t.steps > 0):
@@ -336,52 +398,133 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if t.epochs > 0 and d.train and not d.train.endswith(".json") and d.num_samples <= 0:
         raise ConfigError("train.epochs needs the sample count: point data.train at a manifest .json "
                           "or set data.num_samples")
+    if t.budget < 0 or t.budget_flops < 0 or (t.budget and t.budget_flops):
+        raise ConfigError(f"train.budget={t.budget} and train.budget_flops={t.budget_flops}: set at most one, > 0")
     per_step = d.batch_size * world_size
     if t.global_batch_size and t.global_batch_size % per_step:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"data.batch_size x world size = {d.batch_size} x {world_size}")
+    if t.max_skipped_steps < 1:
+        raise ConfigError(f"train.max_skipped_steps={t.max_skipped_steps} must be >= 1")
     if t.precision not in PRECISIONS:
         raise ConfigError(f"train.precision={t.precision!r}: choose one of {PRECISIONS}")
     if t.compile:
-        from torch._dynamo import list_backends
+        from torch._dynamo import list_backends  # heavy: loaded only when compiling
 
         backends = list_backends(exclude_tags=())
         if t.compile not in backends:
             raise ConfigError(f"train.compile={t.compile!r}: not a torch.compile backend; choose one of {backends}")
-    if not resolve_path(t.deepspeed).is_file():
-        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {t.deepspeed}")
-    try:
-        zero = json.loads(resolve_path(t.deepspeed).read_text()).get("zero_optimization", {})
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"train.deepspeed: {t.deepspeed} is not valid JSON ({err})") from None
+    zero = check_deepspeed_json(cfg, world_size).get("zero_optimization", {})
     if t.compile and zero.get("stage", 0) == 3:
         raise ConfigError(f"train.compile={t.compile!r} with ZeRO stage 3 ({t.deepspeed}): torch.compile cannot trace "
                           "DeepSpeed's parameter-gathering hooks; use ZeRO-1/2 or train.compile=''")
     if o.optimizer not in OPTIMIZERS:
         raise ConfigError(f"optim.optimizer={o.optimizer!r}: choose one of {OPTIMIZERS}")
+    if o.decay_all and o.layer_decay < 1:
+        raise ConfigError("optim.decay_all=true with optim.layer_decay < 1: layer-wise groups exempt norms and biases; "
+                          "choose one")
+    if o.clip_per_param and o.clip_grad <= 0:
+        raise ConfigError(f"optim.clip_per_param=true needs optim.clip_grad > 0 (got {o.clip_grad})")
     if not 0 < o.layer_decay <= 1:
         raise ConfigError(f"optim.layer_decay={o.layer_decay} must be in (0, 1] (1: off)")
-    if o.layer_decay < 1 and not hasattr(_method_class(cfg.method.name), "group_matcher"):
-        raise ConfigError(f"optim.layer_decay needs a method with layer groups (group_matcher); "
-                          f"{cfg.method.name} has none")
     if o.optimizer == "lars" and (zero.get("stage", 0) != 0 or t.precision != "fp32"):
         raise ConfigError("optim.optimizer=lars needs train.deepspeed=ds_configs/zero0.json and train.precision=fp32: "
                           "ZeRO partitions and bf16 master weights flatten parameters, breaking LARS's per-layer "
                           "trust ratio")
     if o.optimizer != "adamw" and zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme"):
         raise ConfigError(f"optim.optimizer={o.optimizer}: optimizer offload runs DeepSpeed's CPU Adam; use adamw")
+    if o.weight_decay < 0:
+        raise ConfigError(f"optim.weight_decay={o.weight_decay} must be >= 0")
+    if o.clip_grad < 0 or o.warmup_steps < 0 or o.warmup_epochs < 0 or t.epochs < 0 or t.steps < 0:
+        raise ConfigError("optim.clip_grad, optim.warmup_steps, optim.warmup_epochs, train.epochs and train.steps "
+                          "must be >= 0")
     if o.base_lr <= 0 or o.min_lr < 0:
         raise ConfigError(f"optim.base_lr={o.base_lr} must be > 0 and optim.min_lr={o.min_lr} >= 0")
+    if cfg.eval.every < 0 or cfg.eval.monitor_samples < 4:
+        raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 and eval.monitor_samples="
+                          f"{cfg.eval.monitor_samples} >= 4")
+    if cfg.eval.every and not d.val:
+        raise ConfigError("eval.every: the online monitor reads a labelled subset of data.val; set data.val")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
-    check = getattr(cfg.method, "validate", None)
-    if check is not None:
-        check(cfg)
-    from train.compression import validate_compression
+    check_accelerate_env(cfg, zero, world_size)
 
-    validate_compression(cfg)
+
+def check_accelerate_env(cfg: Config, zero: dict, world_size: int, env: dict | None = None) -> None:
+    """Under `accelerate launch`, its DeepSpeed and precision settings must agree with the run's, which decide.
+
+    accelerate hands its config to the processes as ACCELERATE_* variables, while the run builds its own
+    DeepSpeed engine from `train.deepspeed` and the run config: a differing value would be silently ignored.
+    accelerate's defaults (no mixed precision, accumulation 1, no offload, no clipping) count as unset.
+    """
+    env = os.environ if env is None else env
+    t, d = cfg.train, cfg.data
+
+    def conflict(name: str, theirs: str, ours: str):
+        raise ConfigError(f"accelerate launch: {name}={theirs} but the run has {ours}; the run's settings decide: "
+                          "make them agree or drop the value from the accelerate config")
+
+    precision = env.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16":
+        conflict("mixed_precision", precision, "no fp16 support (use bf16)")
+    if precision == "bf16" and t.precision == "fp32":
+        conflict("mixed_precision", precision, "train.precision=fp32")
+    if env.get("ACCELERATE_USE_DEEPSPEED", "").lower() != "true":
+        return
+    stage = zero.get("stage", 0)
+    if env.get("ACCELERATE_DEEPSPEED_ZERO_STAGE", str(stage)) != str(stage):
+        conflict("zero_stage", env["ACCELERATE_DEEPSPEED_ZERO_STAGE"], f"stage {stage} (train.deepspeed={t.deepspeed})")
+    file = env.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+    if file and resolve_path(file).resolve() != resolve_path(t.deepspeed).resolve():
+        conflict("deepspeed_config_file", file, f"train.deepspeed={t.deepspeed}")
+    offload = zero.get("offload_optimizer", {}).get("device", "none")
+    if env.get("ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE", "none") not in ("none", offload):
+        conflict("offload_optimizer_device", env["ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE"],
+                 f"{offload} (train.deepspeed={t.deepspeed})")
+    accumulation = (t.global_batch_size or d.batch_size * world_size) // (d.batch_size * world_size)
+    if env.get("ACCELERATE_GRADIENT_ACCUMULATION_STEPS", "1") not in ("1", str(accumulation)):
+        conflict("gradient_accumulation_steps", env["ACCELERATE_GRADIENT_ACCUMULATION_STEPS"],
+                 f"{accumulation} (train.global_batch_size / (data.batch_size x {world_size} processes))")
+    clip = env.get("ACCELERATE_GRADIENT_CLIPPING")
+    if clip and float(clip) != cfg.optim.clip_grad:
+        conflict("gradient_clipping", clip, f"optim.clip_grad={cfg.optim.clip_grad:g}")
+
+
+def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
+    """The `train.deepspeed` JSON, checked as DeepSpeed will check it (its own validation), in one line."""
+    path = resolve_path(cfg.train.deepspeed)
+    if not path.is_file():
+        raise ConfigError(f"train.deepspeed: DeepSpeed config not found: {cfg.train.deepspeed}")
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"train.deepspeed: {path} is not valid JSON ({err})") from None
+    if not isinstance(ds, dict):
+        raise ConfigError(f"train.deepspeed: {path} must hold a JSON object")
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ConfigError(f"train.deepspeed: {path}: remove '{key}'; the optimizer and lr schedule come from "
+                              "optim.*")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    micro = cfg.data.batch_size
+    total = cfg.train.global_batch_size or micro * world_size
+    # the global batch is left for DeepSpeed to derive with the world size it sees (1 before the group exists)
+    batch = {"train_micro_batch_size_per_gpu": micro,
+             "gradient_accumulation_steps": max(1, total // (micro * world_size))}
+    try:
+        DeepSpeedConfig({**ds, **batch})
+    except Exception as err:  # pydantic's ValidationError (several lines) or DeepSpeed's own assertions
+        errors = err.errors() if hasattr(err, "errors") else None
+        if errors:
+            first = errors[0]
+            what = f"{'.'.join(map(str, first['loc']))}: {first['msg']} (got {first.get('input')!r})"
+        else:
+            what = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise ConfigError(f"train.deepspeed: {path}: DeepSpeed rejects it: {what}") from None
+    return ds
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from data_pipeline.shards import available_cpus
+
 
 @dataclass(frozen=True)
 class WorldInfo:
@@ -81,6 +83,18 @@ def cuda_index(local_rank: int, visible: int) -> int:
     return local_rank
 
 
+def cpu_threads_per_rank(env: dict, cpus: int) -> int | None:
+    """Intra-op threads for one of several CPU ranks on a node, or None to leave torch's choice.
+
+    torchrun sets OMP_NUM_THREADS=1 itself; the deepspeed launcher does not (unless --bind_cores_to_rank),
+    so every rank would start one thread per core and the node would run ranks x cores threads.
+    """
+    if "OMP_NUM_THREADS" in env:
+        return None
+    local = _first_int(env, "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", default=1)
+    return max(1, cpus // local) if local > 1 else None
+
+
 def init_distributed() -> WorldInfo:
     """Fill the env:// rendezvous variables from whichever launcher started us, then join the group.
 
@@ -92,7 +106,9 @@ def init_distributed() -> WorldInfo:
     os.environ.update(rendezvous_env(dict(os.environ)))
     if torch.cuda.is_available():
         torch.cuda.set_device(cuda_index(info.local_rank, torch.cuda.device_count()))
-    import deepspeed
+    elif threads := cpu_threads_per_rank(os.environ, available_cpus()):  # CPU ranks sharing a node
+        torch.set_num_threads(threads)
+    import deepspeed  # heavy: only when initialising a process group
 
     deepspeed.init_distributed(dist_backend="nccl" if torch.cuda.is_available() else "gloo",
                                auto_mpi_discovery=False)
@@ -103,6 +119,21 @@ def device_for(info: WorldInfo) -> torch.device:
     if not torch.cuda.is_available():
         return torch.device("cpu")
     return torch.device("cuda", cuda_index(info.local_rank, torch.cuda.device_count()))
+
+
+def rank() -> int:
+    """This process's rank in the initialised process group (0 without one)."""
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    """Processes in the initialised process group (1 without one)."""
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def global_batch(cfg, world: int | None = None) -> int:
+    """Images per optimizer step: `train.global_batch_size`, else `data.batch_size` x world size (no accumulation)."""
+    return cfg.train.global_batch_size or cfg.data.batch_size * (world_size() if world is None else world)
 
 
 def barrier() -> None:

@@ -3,7 +3,6 @@
     python -m train.pretrain --config train/configs/mae_demo.yaml [--config more.yaml ...] [section.key=value ...]
 """
 
-import argparse
 import json
 import logging
 import sys
@@ -11,32 +10,30 @@ import sys
 import torch
 from torch.utils.tensorboard import SummaryWriter
 
-from train.config import ConfigError, load_config
+from data_pipeline.stream import DataError, unlabelled
+from train.cli import config_of, config_parser, run_command
+from train.config import ConfigError
 from train.distributed import world_info_from_env
-from train.engine import train
+from train.engine import OutOfMemory, train
 from train.eval.quick import evaluate_encoder
+from train.methods import build_method
 from train.models.vit import ViTEncoder
 
 log = logging.getLogger("train")
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", action="append", help="YAML file of settings over the defaults "
-                        "(train/configs/*.yaml); repeat to stack files, later ones win")
-    parser.add_argument("--local_rank", "--local-rank", type=int, default=None,
-                        help="set by the deepspeed launcher; LOCAL_RANK is read from the environment")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.base_lr=1e-3 model.depth=4")
-    return parser.parse_intermixed_args(argv)
-
-
 def end_of_run_eval(cfg, result) -> dict:
-    """k-NN / linear probe of the trained encoder next to a randomly initialised one."""
+    """k-NN / linear probe of the trained encoder next to a randomly initialised one (skipped without labels)."""
+    missing = unlabelled(cfg.data.train, "data.train") or unlabelled(cfg.data.val, "data.val")
+    if missing:
+        if world_info_from_env().rank == 0:
+            log.info("end-of-run evaluation skipped: %s", missing)
+        return {}
     module = result.engine.module
     device = next(module.parameters()).device
     torch.manual_seed(cfg.run.seed)
     random_encoder = ViTEncoder(cfg.model).to(device)
-    encoder = module.eval_encoder() if hasattr(module, "eval_encoder") else module.encoder
+    encoder = module.eval_encoder()
     scores = {"pretrained": evaluate_encoder(encoder, cfg, device),
               "random init": evaluate_encoder(random_encoder, cfg, device)}
     if world_info_from_env().rank == 0:
@@ -54,26 +51,27 @@ def end_of_run_eval(cfg, result) -> dict:
 
 
 def main(argv=None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
-    rank = world_info_from_env().rank
-    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    args = config_parser("python -m train.pretrain", __doc__.split("\n")[0]).parse_intermixed_args(
+        sys.argv[1:] if argv is None else argv)
+    return run_command(lambda: pretrain(args), errors=(ConfigError, OutOfMemory))
+
+
+def pretrain(args) -> int | None:
+    cfg = config_of(args)
     try:
-        cfg = load_config(args.config, args.overrides, world_info_from_env().world_size)
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    result = train(cfg)
+        result = train(cfg, build_method)
+    except (DataError, FloatingPointError) as err:  # bad data, non-finite loss, steps skipped in a row
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     if result.stopped_early:
-        return 0
+        return
     if cfg.eval.at_end and cfg.data.val:
         end_of_run_eval(cfg, result)
-    if rank == 0:
+    if world_info_from_env().rank == 0:
         out = result.output_dir
         log.info("TensorBoard: tensorboard --logdir %s", out / "tb")
         log.info("checkpoints: %s (latest %s); resolved config: %s", out / "checkpoints", result.last_checkpoint,
                  out / "config.yaml")
-    return 0
 
 
 if __name__ == "__main__":

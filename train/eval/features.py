@@ -12,20 +12,20 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from data_pipeline.augment import EvalView
-from data_pipeline.stream import EvalStream, resolve_shards, to_device
-
-
-def world() -> tuple[int, int]:
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+from data_pipeline.batch import to_device
+from data_pipeline.stream import EvalStream, die_with_parent, resolve_shards
+from train import distributed
+from train.models.vit import pooled_features
 
 
 def eval_batches(shards: str, img_size: int, mean, std, device: torch.device, batch_size: int = 256,
                  workers: int = 0, key: str = "data.val") -> Iterator[tuple[torch.Tensor, torch.Tensor, bool]]:
     """(normalised images, labels, real) over this rank's share of `shards`; padding batches have real=False."""
-    rank, world_size = world()
+    rank, world_size = distributed.rank(), distributed.world_size()
     stream = EvalStream(resolve_shards(shards, key).urls, EvalView(img_size), batch_size, rank, world_size)
     # its own generator: starting workers must not draw from (and shift) the global RNG of a training run
-    batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator()))
+    batches = iter(DataLoader(stream, batch_size=None, num_workers=workers, generator=torch.Generator(),
+                              worker_init_fn=die_with_parent))
     while True:
         batch = next(batches, None)
         if world_size > 1:
@@ -45,7 +45,7 @@ def eval_batches(shards: str, img_size: int, mean, std, device: torch.device, ba
 
 def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     """Concatenate every rank's rows of `x` (row counts may differ), in rank order, on every rank."""
-    _, world_size = world()
+    world_size = distributed.world_size()
     if world_size == 1:
         return x
     count = torch.tensor([x.shape[0]], device=x.device)
@@ -59,12 +59,6 @@ def all_gather_rows(x: torch.Tensor) -> torch.Tensor:
     return torch.cat([part[:int(c.item())] for part, c in zip(parts, counts)])
 
 
-def encode(encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
-    """Pooled float32 features; bf16 autocast on GPU (the encoder is frozen, its features are normalised later)."""
-    with torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"):
-        return encoder(images, pool=pool).float()
-
-
 @torch.no_grad()
 def extract_features(encoder, shards: str, img_size: int, mean, std, device: torch.device,
                      batch_size: int = 256, workers: int = 0, pool: str = "token", key: str = "data.val"):
@@ -73,7 +67,7 @@ def extract_features(encoder, shards: str, img_size: int, mean, std, device: tor
     encoder.eval()
     feats, labels = [], []
     for images, batch_labels, real in eval_batches(shards, img_size, mean, std, device, batch_size, workers, key):
-        out = encode(encoder, images, pool)
+        out = pooled_features(encoder, images, pool)
         if real:
             feats.append(out)
             labels.append(batch_labels)

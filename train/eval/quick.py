@@ -3,8 +3,7 @@
 import torch
 
 from train.eval.features import extract_features
-from train.eval.knn import knn_predict, topk_accuracy
-from train.eval.linear_probe import fit_linear_probe, probe_scores
+from train.eval.metrics import fit_linear_probe, knn_predict, probe_scores, topk_accuracy
 
 
 def evaluate_encoder(encoder, cfg, device: torch.device, pool: str = "token") -> dict[str, float]:

@@ -14,6 +14,7 @@ Both are ordinary methods on the engine (DeepSpeed, checkpoints, exact resume, p
 
 import logging
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -22,17 +23,22 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from torch import nn
 
+from data_pipeline.shards import num_classes_of
+from train.compression import FULL, Setting
 from train.config import Config, ConfigError
-from train.models.vit import ViTEncoder
+from train.methods.base import METHODS, Method, register
+from train.models.heads import PROBE_BN_EPS, probe_head
+from train.models.vit import ViTEncoder, pooled_features
+from train.weights import ENCODER_PREFIX, check_same_architecture, load_encoder, resolve_source
 
 log = logging.getLogger("train")
-PROBE_BN_EPS = 1e-6  # MAE's linear-probe BatchNorm
 POOLS = ("avg", "token")
 
 
 @dataclass
 class FinetuneConfig:
     name: str = "finetune"
+    default_views: ClassVar[str] = "finetune"  # data.views when the recipe does not set it
     init: str = ""  # pretrained encoder: run dir, checkpoint dir, step_N dir or export; "" = random init
     num_classes: int = 0  # 0: the count the data.train / data.val manifests list
     pool: str = "avg"  # avg: mean of patch tokens + fc_norm (MAE fine-tuning); token: class token after the norm
@@ -68,9 +74,6 @@ class LinearProbeConfig:
 
 def validate_classifier(m, cfg: Config) -> None:
     """Checks both methods share: pooling, class counts of the manifests, the init checkpoint's architecture."""
-    from train.eval.commands import num_classes_of
-    from train.eval.load import check_same_architecture, resolve_source
-
     if m.pool not in POOLS:
         raise ConfigError(f"method.pool={m.pool!r}: choose one of {POOLS}")
     if m.head_init_std <= 0:
@@ -83,33 +86,22 @@ def validate_classifier(m, cfg: Config) -> None:
 
 
 def pretrained_encoder(cfg: Config) -> ViTEncoder:
-    """The encoder of `method.init` (position embeddings resampled to model.img_size), or a fresh one."""
-    from train.eval.load import check_same_architecture, load_encoder, resolve_source
-
+    """The encoder of `method.init` as its method exports it (position embeddings resampled to model.img_size),
+    or a fresh one."""
     if not cfg.method.init:
         log.warning("method.init is empty: %s starts from a randomly initialised encoder", cfg.method.name)
         return ViTEncoder(cfg.model)
     source = resolve_source(cfg.method.init, "method.init")
     check_same_architecture(source, cfg.model, "method.init")
     log.info("encoder from %s (method %s, step %s)", source.path, source.meta.get("method"), source.meta.get("step"))
-    return load_encoder(source, cfg.model)
+    return load_encoder(source, METHODS, cfg.model)
 
 
 def resolved_num_classes(cfg: Config) -> int:
-    from train.eval.commands import num_classes_of
-
     n = num_classes_of(cfg.data.train, cfg.data.val, cfg.method.num_classes)
     if not n:
         raise ConfigError("method.num_classes: set it, or point data.train at a manifest .json listing classes")
     return n
-
-
-def probe_head(dim: int, num_classes: int, std: float = 0.01, generator: torch.Generator | None = None) -> nn.Module:
-    """MAE's linear-probe head: BatchNorm without affine, then a Linear with trunc-normal weights."""
-    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS), nn.Linear(dim, num_classes))
-    nn.init.trunc_normal_(head[1].weight, std=std, generator=generator)
-    nn.init.zeros_(head[1].bias)
-    return head
 
 
 def check_labels_once(module: nn.Module, labels: torch.Tensor, num_classes: int) -> None:
@@ -124,8 +116,10 @@ def check_labels_once(module: nn.Module, labels: torch.Tensor, num_classes: int)
     module._labels_checked = True
 
 
-class Finetune(nn.Module):
+@register("finetune")
+class Finetune(Method):
     Config = FinetuneConfig
+    export_prefixes = (ENCODER_PREFIX, "fc_norm.", "head.")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -176,15 +170,24 @@ class Finetune(nn.Module):
         return {"stem": r"^encoder\.vit\.(?:cls_token|pos_embed|patch_embed)",
                 "blocks": [(r"^encoder\.vit\.blocks\.(\d+)", None)]}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         return 3 * self.encoder.forward_flops(self.encoder.num_patches)
 
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
         return self.encoder.num_patches
 
+    @classmethod
+    def timm_state(cls, state: dict, student: bool = False) -> dict[str, torch.Tensor]:
+        """The encoder plus timm's fc_norm (average pooling) and head."""
+        out = super().timm_state(state)
+        out.update({k: v for k, v in state.items() if k.startswith(("fc_norm.", "head."))})
+        return out
 
-class LinearProbe(nn.Module):
+
+@register("linear_probe")
+class LinearProbe(Method):
     Config = LinearProbeConfig
+    export_prefixes = (ENCODER_PREFIX, "head.")
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -199,10 +202,8 @@ class LinearProbe(nn.Module):
         return self
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        from train.eval.features import encode
-
         with torch.no_grad():
-            features = encode(self.encoder, images, self.cfg.pool)
+            features = pooled_features(self.encoder, images, self.cfg.pool)
         return self.head(features.to(self.head[1].weight.dtype))
 
     def forward(self, batch: dict, step: int = 0):
@@ -213,8 +214,19 @@ class LinearProbe(nn.Module):
         top1 = (logits.argmax(dim=1) == labels).float().mean() * 100
         return loss, {"loss": loss.detach(), "top1": top1.detach()}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         return self.encoder.forward_flops(self.encoder.num_patches)  # forward only
 
-    def tokens_per_image(self) -> int:
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
         return self.encoder.num_patches
+
+    @classmethod
+    def timm_state(cls, state: dict, student: bool = False) -> dict[str, torch.Tensor]:
+        """The encoder plus the head as timm's one Linear: the BatchNorm (no affine) folded in, exactly:
+        W (x - m) / s + b = (W / s) x + (b - W m / s)."""
+        out = super().timm_state(state)
+        scale = (state["head.0.running_var"] + PROBE_BN_EPS).rsqrt()
+        weight = state["head.1.weight"] * scale
+        out["head.weight"] = weight
+        out["head.bias"] = state["head.1.bias"] - weight @ state["head.0.running_mean"]
+        return out

@@ -30,14 +30,14 @@ teacher's resampled features and the decoders' positions are laid out on the mod
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
-from timm.layers import Attention, Mlp
-from torch import nn
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
+from train.models.decoder import FeaturePredictor
+from train.models.losses import feature_loss
 from train.models.masking import gather_tokens
-from train.models.vit import ViTEncoder, init_mae_weights, sincos_pos_embed
+from train.models.vit import ViTEncoder
 from train.teachers.clip import FrozenTeacher, TeacherConfig
 
 ORDERS = ("random", "raster")
@@ -115,107 +115,8 @@ def digpt_targets(teacher_cls: torch.Tensor, teacher_patches: torch.Tensor, orde
     return torch.cat([upcoming, cls], dim=1), torch.cat([visible, cls], dim=1)
 
 
-def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, mean cosine similarity) of predicted vs teacher features (B, T, C), in float32.
-
-    "cosine": 2 - 2 cos of the L2-normalised pair, averaged over tokens (D-iGPT, BYOL);
-    "smooth_l1": smooth-L1 against the teacher features layer-normalised per token.
-    """
-    pred, target = pred.float(), target.float()
-    cosine = F.cosine_similarity(pred, target, dim=-1).mean()
-    if kind == "cosine":
-        return 2 - 2 * cosine, cosine
-    return F.smooth_l1_loss(pred, F.layer_norm(target, target.shape[-1:])), cosine
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries (B, Q, C) to a latent (B, L, C) under a boolean mask (Q, L)."""
-
-    def __init__(self, dim: int, num_heads: int):
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim)
-        self.kv = nn.Linear(dim, 2 * dim)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor, latent: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        q = self.q(x).unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-        k, v = self.kv(latent).unflatten(-1, (2, self.num_heads, -1)).permute(2, 0, 3, 1, 4)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).flatten(2))
-
-
-class DecoderBlock(nn.Module):
-    """D-iGPT's decoder layer (official vit.py DecoderBlock): pre-norm masked self-attention over the queries,
-    masked cross-attention to this layer's latent (normed by the block), MLP."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0):
-        super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads, qkv_bias=True)
-        self.norm_query = nn.LayerNorm(dim, eps=1e-6)
-        self.norm_latent = nn.LayerNorm(dim, eps=1e-6)
-        self.cross_attn = CrossAttention(dim, num_heads)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
-
-    def forward(self, x: torch.Tensor, latent: torch.Tensor, self_mask: torch.Tensor,
-                cross_mask: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), attn_mask=self_mask)
-        x = x + self.cross_attn(self.norm_query(x), self.norm_latent(latent), cross_mask)
-        return x + self.mlp(self.norm2(x))
-
-
-class FeaturePredictor(nn.Module):
-    """One D-iGPT decoder: tapped encoder outputs -> one LayerNorm (shared by the taps) -> concatenated ->
-    one Linear to `depth` latents of width `dim` (one per decoder layer); queries (a learned token + the
-    target's sin-cos position; the class query last) through `DecoderBlock`s -> teacher-sized features."""
-
-    def __init__(self, grid: tuple[int, int], encoder_dim: int, num_taps: int, dim: int, depth: int, num_heads: int,
-                 out_dim: int):
-        super().__init__()
-        self.dim, self.depth, self.num_taps = dim, depth, num_taps
-        self.encoder_norm = nn.LayerNorm(encoder_dim)
-        self.encoder_to_latents = nn.Linear(num_taps * encoder_dim, depth * dim)
-        self.query = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim), persistent=False)
-        self.blocks = nn.ModuleList([DecoderBlock(dim, num_heads) for _ in range(depth)])
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.pred = nn.Linear(dim, out_dim)
-        init_mae_weights(self)
-        nn.init.trunc_normal_(self.query, std=0.02)
-
-    def latents(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B, L, dim, depth) latents from the tapped encoder outputs (each (B, L, De)); layer i reads [..., i]
-        (the official `enc2dec(...).reshape(B, -1, dim, depth)` layout)."""
-        x = torch.cat([self.encoder_norm(f) for f in features], dim=-1)
-        return self.encoder_to_latents(x).unflatten(-1, (self.dim, self.depth))
-
-    def forward(self, features: list[torch.Tensor], target_ids: torch.Tensor, self_mask: torch.Tensor,
-                cross_mask: torch.Tensor) -> torch.Tensor:
-        """Tapped encoder outputs, target_ids (B, Q) patch indices -> predictions (B, Q + 1, out_dim)."""
-        latents = self.latents(features)
-        batch = target_ids.shape[0]
-        positions = gather_tokens(self.pos_embed[:, 1:].expand(batch, -1, -1), target_ids)
-        x = torch.cat([self.query + positions, (self.query + self.pos_embed[:, :1]).expand(batch, -1, -1)], dim=1)
-        x = x.to(latents.dtype)
-        for i, block in enumerate(self.blocks):
-            x = block(x, latents[..., i], self_mask, cross_mask)
-        return self.pred(self.norm(x))
-
-    def no_weight_decay(self) -> set[str]:
-        return {"query"}
-
-    def forward_flops(self, queries: int, latent: int) -> float:
-        """Forward FLOPs (2 per multiply-add) for `queries` queries over a latent of `latent` tokens."""
-        d = self.dim
-        embed = 2 * latent * self.encoder_to_latents.in_features * self.encoder_to_latents.out_features
-        per_block = (2 * queries * d * d * (4 + 2 + 8) + 2 * latent * d * 2 * d  # qkv+proj, q+proj, MLP; kv
-                     + 4 * queries * queries * d + 4 * queries * latent * d)  # attention scores and sums
-        return embed + self.depth * per_block + 2 * queries * d * self.pred.out_features
-
-
-class DiGPT(nn.Module):
+@register("digpt")
+class DiGPT(Method):
     Config = DiGPTConfig
     supported_compression = ("token_dropout",)
 

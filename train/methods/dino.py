@@ -3,6 +3,7 @@ and matches, on every crop, the centred and sharpened output distribution its EM
 *other* global crops."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.distributed as dist
@@ -11,15 +12,18 @@ from torch import nn
 
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
 from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import DINOHead, linear_flops
 from train.models.vit import ViTEncoder
+from train.weights import ENCODER_PREFIX
 
 
 @dataclass
 class DINOConfig:
     name: str = "dino"
+    default_views: ClassVar[str] = "dino"  # data.views when the recipe does not set it
     out_dim: int = 65536  # prototypes (K) of the head's output
     hidden_dim: int = 2048
     bottleneck_dim: int = 256
@@ -79,12 +83,18 @@ def updated_center(center: torch.Tensor, teacher: torch.Tensor, momentum: float)
     return center * momentum + batch_sum / count * (1 - momentum)
 
 
-class DINO(nn.Module):
+@register("dino")
+class DINO(Method):
     """Compression (train/compression.py): token dropout on the student's crops, patch scaling on every crop
     of student and teacher (the teacher always sees every token of its grid)."""
 
     Config = DINOConfig
     supported_compression = ("token_dropout", "patch_scaling")
+    teachers = ("teacher",)
+    export_prefixes = (ENCODER_PREFIX, "_extra_state")  # the teacher lives in the extra state
+    # the centre is the teacher outputs' batch mean: no gradient accumulation unless accepted (train/config.py)
+    batch_coupled = "centre (the teacher outputs' batch mean)"
+    freezable = ("head.last_layer.",)  # own optimizer groups, left out of the optimizer step while `frozen`
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -111,6 +121,12 @@ class DINO(nn.Module):
         self.freeze_steps = round(m.freeze_last_layer * (steps_per_epoch or 0))
         self.teacher_temp_warmup_steps = round(m.warmup_teacher_temp_epochs * (steps_per_epoch or 0))
 
+    def frozen(self, step: int) -> tuple[str, ...]:
+        """The `freezable` parameters the optimizer leaves alone at `step`: the head's last layer during the first
+        `freeze_last_layer` epochs, as the official `cancel_gradients_last_layer` (no update, no weight decay,
+        no Adam state until it trains)."""
+        return self.freezable if step < self.freeze_steps else ()
+
     def teacher_temp_at(self, step: int) -> float:
         m, warmup = self.cfg, self.teacher_temp_warmup_steps
         if step >= warmup:
@@ -129,7 +145,7 @@ class DINO(nn.Module):
         # one pass per resolution; each draws its own token-dropout subsets
         features = torch.cat([encode(self.encoder, crop, compression, stream=i, pool="token")
                               for i, crop in enumerate(crops)])
-        student = self.head(features, freeze_last_layer=step < self.freeze_steps).unflatten(0, (-1, b))
+        student = self.head(features, freeze_last_layer=bool(self.frozen(step))).unflatten(0, (-1, b))
         with torch.no_grad():
             teacher = self.teacher.on(device)
             with autocast_like(self.encoder, device):
@@ -153,11 +169,19 @@ class DINO(nn.Module):
         """The teacher's encoder: DINO evaluates and releases the teacher, which outperforms the student."""
         return self.teacher.on(self.encoder.vit.cls_token.device)["encoder"]
 
+    @classmethod
+    def timm_state(cls, state: dict, student: bool = False) -> dict[str, torch.Tensor]:
+        """The teacher's encoder (what DINO evaluates and releases), or the student's."""
+        if student:
+            return super().timm_state(state)
+        teacher = state["_extra_state"]["teacher"]
+        return {k.removeprefix(ENCODER_PREFIX): v.float() for k, v in teacher.items() if k.startswith(ENCODER_PREFIX)}
+
     def get_extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict(), "center": self.center.detach().cpu()}
+        return {**self.teacher_state(), "center": self.center.detach().cpu()}
 
     def set_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        self.load_teacher_state(state)
         self.center = state["center"].float()
 
     def flops_per_image(self, compression: Setting = FULL) -> float:

@@ -1,13 +1,15 @@
 """HPM (Wang et al., CVPR 2023): MAE that learns where reconstruction is hard and masks there.
 
 Besides MAE's pixel decoder, a second decoder branch (the loss predictor) predicts every patch's
-reconstruction loss. It is trained with a relative objective: for each pair of masked patches of
+reconstruction loss: it shares the pixel decoder's input (`decoder_embed`, `mask_token`, positions)
+and has its own blocks, norm and Linear(decoder_dim, p*p*3), averaged to one value per patch.
+It is trained with a relative objective: for each pair of masked patches of
 an image, binary cross-entropy on sigmoid(p_i - p_j) against "patch i's real loss is larger than
 patch j's" (the real losses are the detached per-patch MSEs of the same step). Masks come from
-an EMA teacher (encoder + loss predictor) run on the unmasked image: a share of the masked
+an EMA teacher (of the whole model, as timm's ModelEma there) run on the unmasked image: a share of the masked
 patches, growing linearly over training (easy to hard), is the teacher's top predicted-hard
-patches; the rest are random. As the official code (Haochen-Wang409/HPM,
-models_mae_learn_loss.py, engine_pretrain.py).
+patches; the rest are random. Targets are raw pixels by default (`norm_pix_loss` off, as the released
+scripts). As the official code (Haochen-Wang409/HPM, models_mae_learn_loss.py, engine_pretrain.py).
 """
 
 from dataclasses import dataclass
@@ -16,33 +18,43 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError
-from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
-from train.models.decoder import MAEDecoder
+from train.methods.base import Method, register
+from train.methods.mae import MAEConfig
+from train.models.decoder import LayerNorm, MAEDecoder, decoder_blocks
 from train.models.ema import EMA
+from train.models.losses import per_patch_loss
 from train.models.masking import masking_from_scores
-from train.models.vit import ViTEncoder
+from train.models.patches import patchify, unpatchify
+from train.models.vit import ViTEncoder, init_mae_weights
 
 
 @dataclass
 class HPMConfig(MAEConfig):
     name: str = "hpm"
+    norm_pix_loss: bool = False  # the released scripts' default (raw pixels); true: MAE's normalised targets
     # share of the masked patches taken from the teacher's top predicted-hard ones: linear from
     # [0] at the first step to [1] at the last (official: (epoch + 1) / epochs x 0.5); the rest random
     hard_share: tuple[float, float] = (0.0, 0.5)
     predictor_weight: float = 1.0  # total loss = reconstruction + weight x relative loss-prediction loss
-    # EMA teacher momentum: linear from [0] to [1] over the first `ema_ramp` of training, then [1]
-    # (official: 0.999 -> 0.9999 over the first 100 of 800 epochs)
+    # EMA teacher, in epochs as the official engine_pretrain.py: momentum [0] + epoch / ema_ramp_epochs x
+    # ([1] - [0]) for the first ema_ramp_epochs epochs (integer epochs), then [1]. The official values hold
+    # per step at ema_steps_per_epoch steps per epoch (ImageNet-1K's 1,281,167 images at the scripts' batch
+    # 256); a run with S steps per epoch steps at m ^ (ema_steps_per_epoch / S), which averages over the
+    # same number of epochs at any global batch or data size. ema_steps_per_epoch 0: m per step as given.
     ema_momentum: tuple[float, float] = (0.999, 0.9999)
-    ema_ramp: float = 0.125
+    ema_ramp_epochs: float = 100.0
+    ema_steps_per_epoch: int = 5004
 
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
         for key in ("hard_share", "ema_momentum"):
             if not all(0.0 <= v <= 1.0 for v in getattr(self, key)):
                 raise ConfigError(f"method.{key}={getattr(self, key)}: both values must be in [0, 1]")
-        if not 0.0 <= self.ema_ramp <= 1.0:
-            raise ConfigError(f"method.ema_ramp={self.ema_ramp} must be in [0, 1] (a fraction of training)")
+        if self.ema_ramp_epochs < 0 or self.ema_steps_per_epoch < 0:
+            raise ConfigError(f"method.ema_ramp_epochs={self.ema_ramp_epochs} and method.ema_steps_per_epoch="
+                              f"{self.ema_steps_per_epoch} must be >= 0")
         if self.predictor_weight < 0:
             raise ConfigError(f"method.predictor_weight={self.predictor_weight} must be >= 0")
         num_patches = (cfg.model.img_size // cfg.model.patch_size) ** 2
@@ -56,11 +68,12 @@ def hard_share_at(step: int, total_steps: int, start: float, end: float) -> floa
     return start + (end - start) * min(1.0, (step + 1) / total_steps)
 
 
-def ema_momentum_at(step: int, total_steps: int, start: float, end: float, ramp: float) -> float:
-    """Teacher momentum after `step` optimizer steps: `start` -> `end` over the first `ramp` of training."""
-    if ramp <= 0:
-        return end
-    return start + (end - start) * min(1.0, step / (ramp * total_steps))
+def ema_momentum_at(step: int, steps_per_epoch: int, start: float, end: float, ramp_epochs: float,
+                    reference_steps_per_epoch: int) -> float:
+    """Teacher momentum for the update after 0-based optimizer step `step` (HPM's rule, see HPMConfig)."""
+    epoch = step // steps_per_epoch
+    momentum = start + (end - start) * epoch / ramp_epochs if epoch < ramp_epochs else end
+    return momentum ** (reference_steps_per_epoch / steps_per_epoch) if reference_steps_per_epoch else momentum
 
 
 def hard_patch_masking(difficulty: torch.Tensor, num_keep: int, share: float,
@@ -115,8 +128,30 @@ def _rank01(values: torch.Tensor) -> torch.Tensor:
     return values.argsort(dim=1).argsort(dim=1).float() / max(1, values.shape[1] - 1)
 
 
-class HPM(nn.Module):
+class LossPredictor(nn.Module):
+    """HPM's loss predictor on the pixel decoder's input tokens (B, 1 + N, D): its own decoder blocks, norm
+    and Linear(D, p*p*3), averaged over the last dim -> one predicted loss per patch (B, N)."""
+
+    def __init__(self, dim: int, depth: int, num_heads: int, out_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.blocks = decoder_blocks(dim, depth, num_heads, mlp_ratio)
+        self.norm = LayerNorm(dim)
+        self.pred = nn.Linear(dim, out_dim)
+        init_mae_weights(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pred(self.norm(self.blocks(x))[:, 1:]).mean(dim=-1)
+
+
+@register("hpm")
+class HPM(Method):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches the
+    teacher-guided masking leaves (the dropped ones are reconstructed and ranked like the masked ones);
+    the teacher still scores every patch. No patch scaling (the loss predictor works on the model's grid)."""
+
     Config = HPMConfig
+    teachers = ("teacher",)
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -126,11 +161,12 @@ class HPM(nn.Module):
         self.num_keep = int(self.encoder.num_patches * (1 - m.mask_ratio))
         self.decoder = MAEDecoder(self.encoder.grid_size, cfg.model.embed_dim, m.decoder_dim, m.decoder_depth,
                                   m.decoder_heads, out_dim=cfg.model.patch_size**2 * 3)
-        self.loss_predictor = MAEDecoder(self.encoder.grid_size, cfg.model.embed_dim, m.decoder_dim, m.decoder_depth,
-                                         m.decoder_heads, out_dim=1)
+        self.loss_predictor = LossPredictor(m.decoder_dim, m.decoder_depth, m.decoder_heads,
+                                            cfg.model.patch_size**2 * 3)
         # fp32 teacher outside the module tree (DeepSpeed must not cast, partition or optimize it)
         self.teacher = EMA(self._student())
         self.total_steps = cfg.train.steps  # the engine calls set_total_steps (needed for epoch-based runs)
+        self.steps_per_epoch = None  # ... and gives the steps per epoch (the teacher's schedule is in epochs)
         self.share = m.hard_share[0]  # of the last forward, for visualize()
         pixels = cfg.model.patch_size**2  # data mean / std laid out as a patchified patch (channel fastest)
         self.patch_mean = torch.tensor(cfg.data.mean).repeat(pixels)
@@ -138,10 +174,10 @@ class HPM(nn.Module):
 
     def _student(self) -> nn.ModuleDict:
         """The parts the teacher averages (a fresh unregistered container over the registered modules)."""
-        return nn.ModuleDict({"encoder": self.encoder, "loss_predictor": self.loss_predictor})
+        return nn.ModuleDict({"encoder": self.encoder, "decoder": self.decoder, "loss_predictor": self.loss_predictor})
 
     def set_total_steps(self, total_steps: int, steps_per_epoch: int | None = None) -> None:
-        self.total_steps = total_steps
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
 
     def hard_share(self, step: int) -> float:
         if self.total_steps <= 0:
@@ -156,21 +192,22 @@ class HPM(nn.Module):
         with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=bf16):
             latent = teacher["encoder"](images)
             in_order = torch.arange(self.encoder.num_patches, device=images.device).expand(images.shape[0], -1)
-            return teacher["loss_predictor"](latent, in_order).squeeze(-1).float()
+            return teacher["loss_predictor"](teacher["decoder"].tokens(latent, in_order)).float()
 
-    def _run(self, images: torch.Tensor, share: float):
+    def _run(self, images: torch.Tensor, share: float, compression: Setting = FULL):
         """Teacher-guided masking, encoder on the visible patches, both decoder branches."""
         difficulty = self.teacher_difficulty(images)
         ids_keep, ids_restore, mask, hard = hard_patch_masking(difficulty, self.num_keep, share)
-        latent = self.encoder(images, ids_keep)
-        pred = self.decoder(latent, ids_restore)
-        predicted_loss = self.loss_predictor(latent, ids_restore).squeeze(-1)
+        ids_keep, ids_restore, mask = drop_visible(ids_keep, ids_restore, mask, compression)
+        pred, tokens = self.decoder(self.encoder(images, ids_keep), ids_restore, with_tokens=True)
+        predicted_loss = self.loss_predictor(tokens)  # on the pixel decoder's input tokens, as the official code
         real_loss = per_patch_loss(pred, patchify(images, self.encoder.patch_size), self.cfg.norm_pix_loss)
         return real_loss, predicted_loss, difficulty, mask, hard, pred
 
     def forward(self, batch: dict, step: int = 0):
         self.share = self.hard_share(step)
-        real_loss, predicted_loss, difficulty, mask, _, _ = self._run(batch["images"], self.share)
+        real_loss, predicted_loss, difficulty, mask, _, _ = self._run(batch["images"], self.share,
+                                                                      batch.get("compression", FULL))
         recon = (real_loss * mask).sum() / mask.sum()  # mae_loss from the per-patch losses computed once
         target = real_loss.detach()  # the predictor learns the order of these; no gradient into them
         rank = relative_loss(predicted_loss, target, mask)
@@ -184,13 +221,12 @@ class HPM(nn.Module):
 
     def on_step_end(self, step: int) -> None:
         m = self.cfg
-        self.teacher.update(self._student(), ema_momentum_at(step, self.total_steps, *m.ema_momentum, m.ema_ramp))
-
-    def get_extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
+        if not self.steps_per_epoch:
+            raise ConfigError("method.name=hpm: the teacher's schedule is in epochs; give data.train's sample count "
+                              "(a manifest .json or data.num_samples)")
+        momentum = ema_momentum_at(step - 1, self.steps_per_epoch, *m.ema_momentum, m.ema_ramp_epochs,
+                                   m.ema_steps_per_epoch)
+        self.teacher.update(self._student(), momentum)
 
     def _as_patches(self, rgb: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """Colours in [0, 1] ((3,) or (B, N, 1) grey) as whole patches in normalised units, like `like`."""
@@ -219,12 +255,12 @@ class HPM(nn.Module):
                    unpatchify(self._as_patches(_rank01(real_loss).unsqueeze(-1), target), p)]
         return {"hard_patches": torch.cat(columns, dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per image: student (forward x 3) on the kept tokens with both decoder branches,
         plus the teacher's forward of the encoder and loss predictor on all tokens."""
-        student = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops() * 2
-        teacher = self.encoder.forward_flops(self.encoder.num_patches) + self.loss_predictor.forward_flops()
+        student = self.encoder.forward_flops(self.tokens_per_image(compression)) + self.decoder.forward_flops() * 2
+        teacher = self.encoder.forward_flops(self.encoder.num_patches) + self.decoder.forward_flops()
         return 3 * student + teacher
 
-    def tokens_per_image(self) -> int:
-        return self.num_keep
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return compression.num_kept(self.num_keep)

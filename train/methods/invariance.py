@@ -1,15 +1,10 @@
 """Small pieces the augmentation-invariance methods (MoCo v3, SimCLR, DINO) share."""
 
-import logging
-
 import torch
-import torch.distributed as dist
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
 from train.models.vit import ViTEncoder, patch_grid
-
-log = logging.getLogger("train")
 
 
 def require_views(cfg: Config, method: str, recipes: tuple[str, ...]) -> None:
@@ -24,18 +19,6 @@ def crop_major(views: torch.Tensor) -> torch.Tensor:
     return views.transpose(0, 1).flatten(0, 1)
 
 
-def process_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def warn_if_accumulating(cfg: Config, method: str) -> None:
-    """Contrastive negatives come from one micro-batch on every rank: accumulation is not a bigger batch."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    per_step = cfg.data.batch_size * world
-    if cfg.train.global_batch_size > per_step and process_rank() == 0:
-        log.warning("%s with gradient accumulation: the contrastive negatives come from each micro-batch of %d "
-                    "images (data.batch_size x world size), not from train.global_batch_size=%d", method, per_step,
-                    cfg.train.global_batch_size)
 
 
 def encoded_tokens(encoder: ViTEncoder, image_size: int, compression: Setting = FULL, dropout: bool = True) -> int:

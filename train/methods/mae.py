@@ -4,12 +4,14 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
 from train.models.decoder import MAEDecoder
+from train.models.losses import per_patch_loss
 from train.models.masking import random_masking
+from train.models.patches import patchify, unpatchify
 from train.models.vit import ViTEncoder, patch_grid
 
 
@@ -23,8 +25,13 @@ class MAEConfig:
     decoder_heads: int = 16
 
     def validate(self, cfg: Config) -> None:
-        if not 0.0 <= self.mask_ratio < 1.0:
-            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in [0, 1)")
+        if not 0.0 < self.mask_ratio < 1.0:
+            raise ConfigError(f"method.mask_ratio={self.mask_ratio} must be in (0, 1): the loss is over the masked "
+                              "patches")
+        patches = (cfg.model.img_size // cfg.model.patch_size) ** 2
+        if patches - int(patches * (1 - self.mask_ratio)) < 1:
+            raise ConfigError(f"method.mask_ratio={self.mask_ratio} masks none of the {patches} patches; the loss is "
+                              "over the masked patches")
         if self.decoder_dim % self.decoder_heads:
             raise ConfigError(f"method.decoder_dim={self.decoder_dim} is not divisible by "
                               f"method.decoder_heads={self.decoder_heads}")
@@ -32,42 +39,13 @@ class MAEConfig:
             raise ConfigError(f"method.decoder_dim={self.decoder_dim} must be divisible by 4 (sincos positions)")
 
 
-def patchify(images: torch.Tensor, patch_size: int) -> torch.Tensor:
-    """(B, C, H, W) -> (B, N, p*p*C), patches in raster order, pixels (row, col, channel) as MAE."""
-    b, c, h, w = images.shape
-    x = images.reshape(b, c, h // patch_size, patch_size, w // patch_size, patch_size)
-    return torch.einsum("bchpwq->bhwpqc", x).reshape(b, (h // patch_size) * (w // patch_size), -1)
-
-
-def unpatchify(patches: torch.Tensor, patch_size: int, channels: int = 3) -> torch.Tensor:
-    """Inverse of `patchify` for a square grid."""
-    b, n, _ = patches.shape
-    g = int(n**0.5)
-    x = patches.reshape(b, g, g, patch_size, patch_size, channels)
-    return torch.einsum("bhwpqc->bchpwq", x).reshape(b, channels, g * patch_size, g * patch_size)
-
-
-def normalize_patches(target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch mean/std normalised pixel targets (MAE's norm_pix_loss)."""
-    mean = target.mean(dim=-1, keepdim=True)
-    var = target.var(dim=-1, keepdim=True)
-    return (target - mean) / (var + eps) ** 0.5
-
-
-def per_patch_loss(pred: torch.Tensor, target: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
-    """Mean squared error of each patch (B, N), computed in float32."""
-    target = target.float()
-    if norm_pix_loss:
-        target = normalize_patches(target)
-    return (pred.float() - target).pow(2).mean(dim=-1)
-
-
 def mae_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, norm_pix_loss: bool) -> torch.Tensor:
     """MSE per patch, averaged over the removed patches only (mask 1 = removed)."""
     return (per_patch_loss(pred, target, norm_pix_loss) * mask).sum() / mask.sum()
 
 
-class MAE(nn.Module):
+@register("mae")
+class MAE(Method):
     """Compression (train/compression.py): token dropout keeps `keep_ratio` of MAE's visible patches
     (the dropped ones are reconstructed like the masked ones); patch scaling runs the whole of MAE on
     the coarser grid, predicting each large patch at the model's patch size (the target is the image

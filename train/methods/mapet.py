@@ -24,6 +24,7 @@ the rest are predicted. Patch scaling is not supported: the k-CLIP codes are per
 """
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -31,14 +32,16 @@ from torch import nn
 
 from train.compression import FULL, Setting
 from train.config import Config, ConfigError
+from train.methods.base import Method, register
 from train.models.vit import ViTEncoder, init_mae_weights
 from train.teachers.clip import FrozenTeacher, TeacherConfig
-from train.teachers.codebook import KCLIPTokenizer, load_codebook
+from train.teachers.tokenizer import KCLIPTokenizer, load_codebook
 
 
 @dataclass
 class MaPeTConfig:
     name: str = "mapet"
+    default_views: ClassVar[str] = "mapet"  # data.views when the recipe does not set it (the official view)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     codebook: str = ""  # k-CLIP centroids, written by `python -m train.teachers.codebook --config <this config>`
     num_codes: int = 8192  # codebook size (the paper: 8192)
@@ -85,7 +88,8 @@ def mapet_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
 
 
-class MaPeT(nn.Module):
+@register("mapet")
+class MaPeT(Method):
     Config = MaPeTConfig
     supported_compression = ("token_dropout",)
 

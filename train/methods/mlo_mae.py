@@ -1,13 +1,17 @@
 """MLO-MAE (Guo et al., TMLR 2024): MAE whose masks come from a masking network trained, by
-multi-level optimization, to help a downstream classifier.
+multi-level optimization, to help a downstream classifier. Defaults as the official code
+(Alexiland/MLO-MAE, main_imagenet.py, model_mae_new.py).
 
-Level 1 (the engine's DeepSpeed step): encoder + decoder minimise the MAE loss on masks sampled from
-the masking network, each masked patch's loss weighted by its mask probability (as the official code).
-Level 2 (`aux_step`): a classification head (LayerNorm + Linear on the class token) takes an AdamW
-step on a labelled batch, on features of the current encoder.
+Level 1 (the engine's DeepSpeed step): encoder + decoder minimise the MAE loss on the masks of the
+masking network, each masked patch's loss weighted by its mask probability p, sum m p l / sum m. The
+official masking network (`method.mask_net=mlp`, `MLOPatchMasking`) is an MLP on the MAE's own patch
+embeddings + positions, so this loss also trains `patch_embed` through p (the masking network's own
+parameters get no level-1 gradient).
+Level 2 (`aux_step`): a classification head (LayerNorm + Dropout + Linear on the class token) takes an
+AdamW step on a labelled batch, on features of the current encoder.
 Level 3 (`aux_step`): the masking network takes an AdamW step along the hypergradient of the
-cross-entropy on a held-out labelled batch, through the dependence of the encoder (level 1) and of
-the head (level 2) on the masks.
+cross-entropy on a held-out labelled batch, through the dependence of the encoder (level 1) on the
+masks (and, as an option, of the head (level 2)).
 
 Hypergradient: DARTS's one-step unroll, evaluated at the current weights as Betty's `darts` (the
 official code's) does. With the virtual steps theta+ = theta - xi grad_theta L_rec(theta, lambda)
@@ -17,16 +21,17 @@ and phi+ = phi - eta grad_phi L_cls(theta+, phi),
     v = grad_theta L_val - eta grad_theta < grad_phi L_cls(theta, phi), grad_phi L_val >
 
 (`method.unroll_lr` = xi, `method.head_unroll_lr` = eta; eta = 0 is the official code, whose
-hypergradient reaches the masks through the encoder only). As L_rec = sum_i m_i p_i(lambda)
-l_i(theta) / sum_i m_i, the mixed term is sum_i m_i grad_lambda p_i (grad_theta l_i . v) / sum_i m_i:
-the directional derivatives of the per-patch losses along v come from one forward-mode pass
-(`torch.func.jvp`). That is exact in any precision, where DARTS's finite difference at theta +- eps v
-rounds to noise in bf16.
+hypergradient reaches the masks through the encoder only, u2l = {mask: [pretrain]}). The mixed term
+is grad_lambda of the derivative of L_rec along v; the directional derivatives along v of the
+per-patch losses and of the patch embeddings come from one forward-mode pass (`torch.func.jvp`).
+That is exact in any precision, where DARTS's finite difference at theta +- eps v rounds to noise in
+bf16.
 
-Mask sampling: Gumbel-top-k on the mask logits (`method.mask_temperature`; 0 = the official
-deterministic top-k), so exactly `num_mask` patches are masked per image, drawn without replacement
-with odds exp(logit / T). Gradient estimator: pathwise through the loss weights p with the sampled
-masks held fixed (the official estimator); the discrete choice itself carries no gradient.
+Masks: the N - num_keep patches of highest probability (`method.mask_temperature` 0, official); a
+temperature > 0 draws them by Gumbel-top-k instead. Gradient estimator: pathwise through the loss
+weights p with the masks held fixed (the official estimator); the discrete choice carries no
+gradient. Not the paper's, as options: `mask_net=vit` (a small ViT on the image),
+`mask_temperature` > 0, `normalize_mask_weights` (sum m p l / sum m p), `head_unroll_lr` > 0.
 
 What DeepSpeed owns: the encoder and decoder (level 1, sharded by every ZeRO stage). The masking
 network, the head, their optimizers and an fp32 replica of encoder + decoder live outside the module
@@ -49,13 +54,18 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from data_pipeline.stream import resolve_shards
+from train.compression import FULL, Setting, drop_visible
 from train.config import Config, ConfigError, ModelConfig
-from train.methods.mae import MAEConfig, patchify, per_patch_loss, unpatchify
+from train.distributed import global_batch
+from train.methods.base import Method, register
+from train.methods.mae import MAEConfig
 from train.models.decoder import MAEDecoder
 from train.models.ema import EMA
+from train.models.losses import per_patch_loss
 from train.models.masking import masking_from_scores
+from train.models.patches import patchify, unpatchify
 from train.models.vit import ViTEncoder
-from train.optim import param_groups, set_lr
+from train.optim import peak_lr, set_lr
 
 log = logging.getLogger("train")
 
@@ -63,17 +73,24 @@ log = logging.getLogger("train")
 @dataclass
 class MLOMAEConfig(MAEConfig):
     name: str = "mlo_mae"
-    # the masking network (level 3's parameters): a small ViT on the image, one mask logit per patch
-    mask_net_dim: int = 192
-    mask_net_depth: int = 2
-    mask_net_heads: int = 3
-    mask_temperature: float = 1.0  # Gumbel-top-k temperature; 0: deterministic top-k (official code)
-    normalize_mask_weights: bool = True  # loss weights p / mean p over the masked patches; false: raw p (official)
-    # levels 2 and 3: lr = base lr x global level-1 batch / 256 (official), same warmup + cosine shape as level 1
+    # the masking network (level 3's parameters), one mask logit per patch. "mlp" (official): Linear(N x D,
+    # hidden) - ReLU - Linear(hidden, N) on the MAE's own patch embeddings + positions, so level 1 also
+    # trains patch_embed through the mask probabilities; "vit" (not the paper's): a small ViT on the image
+    mask_net: str = "mlp"
+    mask_net_hidden: int = 512  # mlp
+    mask_net_dim: int = 192  # vit
+    mask_net_depth: int = 2  # vit
+    mask_net_heads: int = 3  # vit
+    mask_temperature: float = 0.0  # 0: deterministic top-k (official); > 0: Gumbel-top-k (not the paper's)
+    normalize_mask_weights: bool = False  # false: sum m p l / sum m (official); true: / sum m p (not the paper's)
+    # levels 2 and 3: lr = base lr x global level-1 batch / 256 (at the official batch 256 these are the
+    # official absolute lrs), same warmup + cosine shape as level 1; AdamW (0.9, 0.95) with weight decay on
+    # every parameter, as the official torch.optim.AdamW(module.parameters()) (torch's default 0.01)
     head_base_lr: float = 5e-4
-    head_weight_decay: float = 0.05
+    head_weight_decay: float = 0.01
+    head_dropout: float = 0.1  # level-2 head: LayerNorm - Dropout - Linear (official FinetuneVisionTransformer)
     mask_base_lr: float = 5e-5  # 0 freezes the masking network: random-mask MAE through the same code
-    mask_weight_decay: float = 0.05
+    mask_weight_decay: float = 0.01
     downstream_train: str = ""  # labelled shards (manifest or pattern) for level 2; "" = data.train
     downstream_val: str = ""  # labelled held-out shards for level 3; "" = hold out val_fraction of them
     val_fraction: float = 0.2  # share of downstream_train's shards held out for level 3 (never seen by level 2)
@@ -82,7 +99,7 @@ class MLOMAEConfig(MAEConfig):
     # hypergradient: DARTS one-step unroll, mixed derivative by forward-mode AD
     hyper_every: int = 2  # levels 2 and 3 step after every N-th level-1 step (official unroll steps 2/1/1)
     unroll_lr: float = 1.0  # xi, level 1's virtual SGD step; only scales the hypergradient (AdamW is scale-free)
-    head_unroll_lr: float = 0.01  # eta, the head's virtual SGD step: weight of the head path; 0 = official
+    head_unroll_lr: float = 0.0  # eta, the head's virtual SGD step: weight of the head path; 0 = official
 
     def validate(self, cfg: Config) -> None:
         super().validate(cfg)
@@ -91,6 +108,11 @@ class MLOMAEConfig(MAEConfig):
         if not 0 < keep < patches:
             raise ConfigError(f"method.mask_ratio={self.mask_ratio} must keep between 1 and {patches - 1} of the "
                               f"{patches} patches (it keeps {keep})")
+        if self.mask_net not in ("mlp", "vit"):
+            raise ConfigError(f"method.mask_net={self.mask_net!r}: choose 'mlp' (official) or 'vit'")
+        if self.mask_net_hidden < 1 or not 0 <= self.head_dropout < 1:
+            raise ConfigError(f"method.mask_net_hidden={self.mask_net_hidden} must be >= 1 and "
+                              f"method.head_dropout={self.head_dropout} in [0, 1)")
         if self.mask_net_dim % self.mask_net_heads or self.mask_net_dim % 4:
             raise ConfigError(f"method.mask_net_dim={self.mask_net_dim} must be divisible by "
                               f"method.mask_net_heads={self.mask_net_heads} and by 4 (sincos positions)")
@@ -193,27 +215,60 @@ def mask_hypergradient(encoder: ViTEncoder, decoder: MAEDecoder, masker: nn.Modu
                        normalize_weights: bool) -> list[torch.Tensor]:
     """-xi d2 L_rec / d lambda d theta . v on the level-1 batch (its masks fixed), for `trainable(masker)`.
 
-    `v` pairs with `trainable(encoder)`; the per-patch losses' directional
-    derivatives along it come from one forward-mode pass (math attention: the fused kernels have
-    no forward-mode rule).
+    `v` pairs with `trainable(encoder)`. The mixed term is grad_lambda of D_v L_rec, the derivative of
+    the level-1 loss along v, which is d/dt L_rec(l + t dl, p(e + t de)) at t = 0: the directional
+    derivatives dl of the per-patch losses and de of the patch embeddings (the official masking
+    network's input, so its path into patch_embed counts) come from one forward-mode pass (math
+    attention: the fused kernels have no forward-mode rule); the derivatives in t, then lambda, by
+    reverse mode.
     """
     names = [n for n, p in encoder.named_parameters() if p.requires_grad]
     primals = {n: p.detach() for n, p in encoder.named_parameters() if p.requires_grad}
     target = patchify(images, encoder.patch_size)
 
-    def patch_losses(params):
-        return per_patch_loss(decoder(functional_call(encoder, params, (images, ids_keep)), ids_restore), target,
-                              norm_pix_loss)
+    def losses_and_tokens(params):
+        seen = {}
+
+        def keep(tokens):
+            seen["tokens"] = tokens
+            return ids_keep
+
+        pred = decoder(functional_call(encoder, params, (images, keep)), ids_restore)
+        return per_patch_loss(pred, target, norm_pix_loss), seen["tokens"]
 
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH), native_linear():
-        _, directional = jvp(patch_losses, (primals,), (dict(zip(names, v)),))
-    probs = torch.sigmoid(masker(images).float())
-    surrogate = -unroll_lr * weighted_mae_loss(directional.float(), mask, probs, normalize_weights)
-    return list(torch.autograd.grad(surrogate, trainable(masker)))
+        (losses, tokens), (d_losses, d_tokens) = jvp(losses_and_tokens, (primals,), (dict(zip(names, v)),))
+    t = torch.zeros((), dtype=torch.float32, device=images.device, requires_grad=True)
+    probs = torch.sigmoid(masker(tokens + t * d_tokens if masker.on_tokens else images).float())
+    rec = weighted_mae_loss(losses.float() + t * d_losses.float(), mask, probs, normalize_weights)
+    (directional,) = torch.autograd.grad(rec, t, create_graph=True)
+    return list(torch.autograd.grad(-unroll_lr * directional, trainable(masker)))
+
+
+class PatchMLPMasking(nn.Module):
+    """The official masking network (MLO-MAE's `MLOPatchMasking`): Linear(N x D, hidden) - ReLU -
+    Linear(hidden, N) on the MAE's patch embeddings + positions (B, N, D) -> mask logits (B, N);
+    torch's default initialisation, as there."""
+
+    on_tokens = True  # its input is the encoder's patch tokens, not the image
+
+    def __init__(self, num_patches: int, dim: int, hidden: int):
+        super().__init__()
+        self.hidden = nn.Linear(num_patches * dim, hidden)
+        self.out = nn.Linear(hidden, num_patches)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.out(F.relu(self.hidden(tokens.flatten(1))))
+
+    def forward_flops(self) -> float:
+        return 2.0 * (self.hidden.weight.numel() + self.out.weight.numel())
 
 
 class MaskingNetwork(nn.Module):
-    """A small ViT on the image with one logit per patch; sigmoid(logit) is the probability to mask it."""
+    """A small ViT on the image with one logit per patch (not the paper's: `method.mask_net=vit`);
+    sigmoid(logit) is the probability to mask it."""
+
+    on_tokens = False
 
     def __init__(self, model: ModelConfig, dim: int, depth: int, heads: int):
         super().__init__()
@@ -226,6 +281,9 @@ class MaskingNetwork(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) -> mask logits (B, N)."""
         return self.logit(self.encoder(images)[:, 1:]).squeeze(-1)
+
+    def forward_flops(self) -> float:
+        return self.encoder.forward_flops(self.encoder.num_patches)
 
 
 def split_shards(urls: list[str], fraction: float, seed: int) -> tuple[list[str], list[str]]:
@@ -244,15 +302,17 @@ class UpperLevels:
     the masking network, the head, their AdamW optimizers and fp32 replicas of the encoder and decoder."""
 
     def __init__(self, cfg: Config, encoder: ViTEncoder, decoder: MAEDecoder, num_classes: int):
-        m = cfg.method
-        self.masker = MaskingNetwork(cfg.model, m.mask_net_dim, m.mask_net_depth, m.mask_net_heads)
-        self.head = nn.Sequential(nn.LayerNorm(cfg.model.embed_dim, eps=1e-6), nn.Linear(cfg.model.embed_dim,
-                                                                                          num_classes))
+        m, dim = cfg.method, cfg.model.embed_dim
+        if m.mask_net == "mlp":
+            self.masker = PatchMLPMasking(encoder.num_patches, dim, m.mask_net_hidden)
+        else:
+            self.masker = MaskingNetwork(cfg.model, m.mask_net_dim, m.mask_net_depth, m.mask_net_heads)
+        self.head = nn.Sequential(nn.LayerNorm(dim, eps=1e-6), nn.Dropout(m.head_dropout), nn.Linear(dim, num_classes))
         self.encoder, self.decoder = EMA(encoder), EMA(decoder)  # replicas: `update(student, 0.0)` copies
         for replica, p in zip(self.encoder.module.parameters(), encoder.parameters()):
             replica.requires_grad_(p.requires_grad)  # the hypergradient differentiates the encoder replica
-        self.mask_opt = torch.optim.AdamW(param_groups(self.masker, m.mask_weight_decay), betas=(0.9, 0.95))
-        self.head_opt = torch.optim.AdamW(param_groups(self.head, m.head_weight_decay), betas=(0.9, 0.95))
+        self.mask_opt = torch.optim.AdamW(trainable(self.masker), weight_decay=m.mask_weight_decay, betas=(0.9, 0.95))
+        self.head_opt = torch.optim.AdamW(trainable(self.head), weight_decay=m.head_weight_decay, betas=(0.9, 0.95))
         self.device = torch.device("cpu")
 
     def on(self, device: torch.device) -> "UpperLevels":
@@ -292,8 +352,15 @@ def step_with(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], grad
     optimizer.zero_grad(set_to_none=True)
 
 
-class MLOMAE(nn.Module):
+@register("mlo_mae")
+class MLOMAE(Method):
+    """Compression (train/compression.py): token dropout keeps `keep_ratio` of the visible patches of the
+    level-1 masks (the dropped ones are reconstructed and weighted like the masked ones; the
+    hypergradient uses the same compressed batch). No patch scaling (the masking network scores the
+    model's grid)."""
+
     Config = MLOMAEConfig
+    supported_compression = ("token_dropout",)
 
     def __init__(self, cfg: Config):
         super().__init__()
@@ -310,10 +377,8 @@ class MLOMAE(nn.Module):
             raise ConfigError("method.num_classes: set it (>= 2); method.downstream_train has no manifest with classes")
         self.batch_size = cfg.data.batch_size
         self.downstream_batch = m.downstream_batch_size or cfg.data.batch_size
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        level1_batch = cfg.train.global_batch_size or cfg.data.batch_size * world
-        self.head_lr = m.head_base_lr * level1_batch / 256
-        self.mask_lr = m.mask_base_lr * level1_batch / 256
+        self.head_lr = peak_lr(m.head_base_lr, global_batch(cfg))
+        self.mask_lr = peak_lr(m.mask_base_lr, global_batch(cfg))
 
         self.encoder = ViTEncoder(cfg.model)
         self.num_keep = int(self.encoder.num_patches * (1 - m.mask_ratio))
@@ -338,22 +403,40 @@ class MLOMAE(nn.Module):
         bf16 = self.encoder.vit.patch_embed.proj.weight.dtype == torch.bfloat16
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
-    def sample(self, images: torch.Tensor, generator: torch.Generator | None = None):
-        """Mask probabilities (B, N) and masks sampled from them: (probs, ids_keep, ids_restore, mask)."""
-        upper = self.upper.on(images.device)
-        with torch.no_grad(), self.autocast(images.device):
-            logits = upper.masker(images.float()).float()
+    def sample(self, images: torch.Tensor, tokens: torch.Tensor, generator: torch.Generator | None = None):
+        """Mask probabilities (B, N) and masks drawn from them: (probs, ids_keep, ids_restore, mask).
+
+        The probabilities carry the gradient to `tokens` (the encoder's patch embeddings, the official
+        masking network's input), never to the masking network's own parameters (level 3's).
+        """
+        masker = self.upper.on(images.device).masker
+        frozen = {n: p.detach() for n, p in masker.named_parameters()}
+        with self.autocast(images.device):
+            logits = functional_call(masker, frozen, ((tokens if masker.on_tokens else images).float(),)).float()
         ids_keep, ids_restore, mask = sample_masks(logits, self.num_keep, self.cfg.mask_temperature, generator)
         return torch.sigmoid(logits), ids_keep, ids_restore, mask
+
+    def encode(self, images: torch.Tensor, generator: torch.Generator | None = None, compression: Setting = FULL):
+        """The encoder on the patches the masking network keeps (less those token dropout drops):
+        (latent, probs, ids_keep, ids_restore, mask)."""
+        drawn = []
+
+        def keep(tokens):
+            probs, *masks = self.sample(images, tokens, generator)
+            drawn.extend((probs, *drop_visible(*masks, compression)))
+            return drawn[1]
+
+        return self.encoder(images, keep), *drawn
 
     def forward(self, batch: dict, step: int = 0):
         """Level 1: the MAE loss on the masking network's masks, weighted by the mask probabilities."""
         images = batch["images"]
-        probs, ids_keep, ids_restore, mask = self.sample(images)
-        pred = self.decoder(self.encoder(images, ids_keep), ids_restore)
+        latent, probs, ids_keep, ids_restore, mask = self.encode(images, compression=batch.get("compression", FULL))
+        pred = self.decoder(latent, ids_restore)
         per_patch = per_patch_loss(pred, patchify(images, self.encoder.patch_size), self.cfg.norm_pix_loss)
         loss = weighted_mae_loss(per_patch, mask, probs, self.cfg.normalize_mask_weights)
         self.level1 = (images, ids_keep, ids_restore, mask)
+        probs = probs.detach()
         return loss, {"loss": loss.detach(), "rec_loss": weighted_mae_loss(per_patch.detach(), mask, 1.0),
                       "mask_prob": probs.mean(), "mask_prob_spread": probs.std(dim=1).mean()}
 
@@ -399,8 +482,8 @@ class MLOMAE(nn.Module):
         """Rows of (original, mask-probability heat map, masked input, reconstruction), normalised units."""
         images = batch["images"][:n]
         # its own generator: drawing panels must not shift the training's random stream
-        probs, ids_keep, ids_restore, mask = self.sample(images, torch.Generator(images.device).manual_seed(0))
-        pred = self.decoder(self.encoder(images, ids_keep), ids_restore).float()
+        latent, probs, _, ids_restore, mask = self.encode(images, torch.Generator(images.device).manual_seed(0))
+        pred = self.decoder(latent, ids_restore).float()
         p = self.encoder.patch_size
         target = patchify(images, p)
         if self.cfg.norm_pix_loss:
@@ -416,16 +499,16 @@ class MLOMAE(nn.Module):
         return {"mask_probability": torch.cat([images.float(), heat_panel, unpatchify(target * (1 - m), p),
                                                unpatchify(target * (1 - m) + pred * m, p)], dim=3)}
 
-    def flops_per_image(self) -> float:
+    def flops_per_image(self, compression: Setting = FULL) -> float:
         """Training FLOPs per level-1 image with levels 2 and 3 amortised over `hyper_every` steps (a backward
         counted as 2 forwards, the forward-mode pass as 2 forwards)."""
         m, n = self.cfg, self.encoder.num_patches
-        masked = self.encoder.forward_flops(self.num_keep) + self.decoder.forward_flops()
+        masked = self.encoder.forward_flops(self.tokens_per_image(compression)) + self.decoder.forward_flops()
         full = self.encoder.forward_flops(n)
-        masker = self.upper.masker.encoder.forward_flops(n)
+        masker = self.upper.masker.forward_flops()
         downstream = full * (3 if m.head_unroll_lr > 0 else 1) + 3 * full  # level 2, level 3 (per labelled image)
         hyper = 2 * masked + 3 * masker + downstream * self.downstream_batch / self.batch_size
         return 3 * masked + masker + hyper / m.hyper_every
 
-    def tokens_per_image(self) -> int:
-        return self.num_keep
+    def tokens_per_image(self, compression: Setting = FULL) -> int:
+        return compression.num_kept(self.num_keep)

@@ -2,6 +2,7 @@
 encoder's key of the other view of its image among the keys of the whole global batch (symmetric InfoNCE)."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +11,9 @@ from torch import nn
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
+from train.distributed import rank as process_rank
+from train.methods.base import Method, register
+from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.ema import EMA, autocast_like, cosine_momentum
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
@@ -19,6 +22,7 @@ from train.models.vit import ViTEncoder
 @dataclass
 class MoCoV3Config:
     name: str = "moco_v3"
+    default_views: ClassVar[str] = "moco_v3"  # data.views when the recipe does not set it
     proj_dim: int = 256  # output of projector and predictor (official --moco-dim)
     mlp_dim: int = 4096  # hidden width of both MLPs (--moco-mlp-dim)
     temperature: float = 0.2  # InfoNCE temperature (--moco-t; 0.2 for ViTs)
@@ -46,17 +50,20 @@ def moco_v3_loss(q: torch.Tensor, k: torch.Tensor, temperature: float, rank: int
     return F.cross_entropy(logits, labels) * (2 * temperature)
 
 
-class MoCoV3(nn.Module):
+@register("moco_v3")
+class MoCoV3(Method):
     """Compression (train/compression.py): token dropout on the query encoder's views, patch scaling on both
     encoders (the momentum encoder always sees every token of its grid), as the compression paper does."""
 
     Config = MoCoV3Config
     supported_compression = ("token_dropout", "patch_scaling")
+    teachers = ("teacher",)
+    # the loss couples the images of a batch: no gradient accumulation unless accepted (train/config.py)
+    batch_coupled = "contrastive negatives and BatchNorm statistics"
 
     def __init__(self, cfg: Config):
         super().__init__()
         m = self.cfg = cfg.method
-        warn_if_accumulating(cfg, m.name)
         self.encoder = ViTEncoder(cfg.model)
         if m.frozen_patch_embed:
             self.encoder.vit.patch_embed.requires_grad_(False)
@@ -97,12 +104,6 @@ class MoCoV3(nn.Module):
     def on_step_end(self, step: int) -> None:
         """Momentum update after `step` optimizer steps, i.e. before the forward of step index `step`."""
         self.teacher.update(self.online(), self.momentum_at(step))
-
-    def get_extra_state(self) -> dict:
-        return {"teacher": self.teacher.state_dict()}
-
-    def set_extra_state(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["teacher"])
 
     def flops_per_image(self, compression: Setting = FULL) -> float:
         """Two views: query path forward + backward (x3), momentum path forward only."""

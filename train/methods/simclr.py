@@ -2,15 +2,17 @@
 2N - 1 other views of the global batch (NT-Xent), negatives gathered from every rank with gradients."""
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from train.compression import FULL, Setting, encode
 from train.config import Config, ConfigError
 from train.distributed import all_gather_with_grad
-from train.methods.invariance import crop_major, encoded_tokens, process_rank, require_views, warn_if_accumulating
+from train.distributed import rank as process_rank
+from train.methods.base import Method, register
+from train.methods.invariance import crop_major, encoded_tokens, require_views
 from train.models.heads import linear_flops, projection_mlp, sync_batchnorm
 from train.models.vit import ViTEncoder
 
@@ -18,13 +20,18 @@ from train.models.vit import ViTEncoder
 @dataclass
 class SimCLRConfig:
     name: str = "simclr"
+    default_views: ClassVar[str] = "simclr"  # data.views when the recipe does not set it
     proj_layers: int = 2  # projection MLP depth (SimCLR v1: 2, v2: 3)
     proj_hidden_dim: int = 2048
     proj_dim: int = 128
     temperature: float = 0.1
+    dropout_views: str = "both"  # views under token dropout: "both", or "first" (the compression paper's asymmetric
+    #                              setting: the second view keeps every token)
 
     def validate(self, cfg: Config) -> None:
         require_views(cfg, self.name, ("simclr", "moco_v3"))
+        if self.dropout_views not in ("both", "first"):
+            raise ConfigError(f"method.dropout_views={self.dropout_views!r}: choose 'both' or 'first'")
         if self.temperature <= 0:
             raise ConfigError(f"method.temperature={self.temperature} must be > 0")
         if self.proj_layers < 1 or min(self.proj_hidden_dim, self.proj_dim) < 1:
@@ -47,31 +54,46 @@ def nt_xent_loss(z: torch.Tensor, z_all: torch.Tensor, temperature: float, rank:
     return F.cross_entropy(logits.masked_fill(self_mask, float("-inf")), positives)
 
 
-class SimCLR(nn.Module):
-    """Compression (train/compression.py): token dropout and patch scaling on both views."""
+@register("simclr")
+class SimCLR(Method):
+    """Compression (train/compression.py): token dropout on both views or on the first only
+    (`dropout_views`), patch scaling on both."""
 
     Config = SimCLRConfig
     supported_compression = ("token_dropout", "patch_scaling")
+    # the loss couples the images of a batch: no gradient accumulation unless accepted (train/config.py)
+    batch_coupled = "contrastive negatives and BatchNorm statistics"
 
     def __init__(self, cfg: Config):
         super().__init__()
         m = self.cfg = cfg.method
-        warn_if_accumulating(cfg, m.name)
         self.encoder = ViTEncoder(cfg.model)
         self.projector = sync_batchnorm(projection_mlp(m.proj_layers, cfg.model.embed_dim, m.proj_hidden_dim,
                                                        m.proj_dim))
 
     def forward(self, batch: dict, step: int = 0):
-        # both views in one batch, as SimCLR normalises them together in its (global) BatchNorm
-        features = encode(self.encoder, crop_major(batch["views"]), batch.get("compression", FULL), pool="token")
+        views, compression = crop_major(batch["views"]), batch.get("compression", FULL)
+        if self.cfg.dropout_views == "both":
+            features = encode(self.encoder, views, compression, pool="token")
+        else:  # the second view keeps its whole grid, so it runs as its own pass
+            first, second = views.chunk(2)
+            features = torch.cat([encode(self.encoder, first, compression, pool="token"),
+                                  encode(self.encoder, second, compression, dropout=False, pool="token")])
+        # both views' features together, as SimCLR normalises them in one (global) BatchNorm
         z = self.projector(features).float()
         loss = nt_xent_loss(z, all_gather_with_grad(z), self.cfg.temperature, process_rank())
         return loss, {"loss": loss.detach()}
 
+    def view_tokens(self, compression: Setting = FULL) -> list[int]:
+        """Patch tokens the encoder sees for each of the two views."""
+        size, both = self.encoder.cfg.img_size, self.cfg.dropout_views == "both"
+        return [encoded_tokens(self.encoder, size, compression),
+                encoded_tokens(self.encoder, size, compression, dropout=both)]
+
     def flops_per_image(self, compression: Setting = FULL) -> float:
         """Two views, forward + backward (x3)."""
-        tokens = encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)
-        return 2 * 3 * (self.encoder.forward_flops(tokens) + linear_flops(self.projector))
+        return sum(3 * (self.encoder.forward_flops(t) + linear_flops(self.projector))
+                   for t in self.view_tokens(compression))
 
     def tokens_per_image(self, compression: Setting = FULL) -> int:
-        return 2 * encoded_tokens(self.encoder, self.encoder.cfg.img_size, compression)
+        return sum(self.view_tokens(compression))

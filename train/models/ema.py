@@ -19,7 +19,7 @@ from torch import nn
 def gathered(params: list[nn.Parameter]):
     """Full (read-only) tensors of ZeRO-3 partitioned parameters for the duration; a no-op otherwise."""
     if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
+        import deepspeed  # heavy: only for ZeRO-3 partitioned parameters
 
         return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
     return contextlib.nullcontext()

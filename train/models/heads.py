@@ -74,3 +74,14 @@ class DINOHead(nn.Module):
     def forward(self, x: torch.Tensor, freeze_last_layer: bool = False) -> torch.Tensor:
         x = F.normalize(self.mlp(x).float(), dim=-1)
         return self.last_layer(x, frozen=freeze_last_layer)
+
+
+PROBE_BN_EPS = 1e-6  # MAE's linear-probe BatchNorm
+
+
+def probe_head(dim: int, num_classes: int, std: float = 0.01, generator: torch.Generator | None = None) -> nn.Module:
+    """MAE's linear-probe head: BatchNorm without affine, then a Linear with trunc-normal weights."""
+    head = nn.Sequential(nn.BatchNorm1d(dim, affine=False, eps=PROBE_BN_EPS), nn.Linear(dim, num_classes))
+    nn.init.trunc_normal_(head[1].weight, std=std, generator=generator)
+    nn.init.zeros_(head[1].bias)
+    return head

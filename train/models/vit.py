@@ -5,6 +5,8 @@ state dict is exactly what `timm.create_model(timm_name, num_classes=0)` loads. 
 (patch scaling, FlexiViT-style) resample the base weights on the fly and never change them.
 """
 
+from collections.abc import Callable
+
 import timm
 import torch
 import torch.nn.functional as F
@@ -22,11 +24,23 @@ TIMM_SIZES = {(192, 12, 3): "tiny", (384, 12, 6): "small", (768, 12, 12): "base"
 
 
 def sincos_pos_embed(grid: tuple[int, int], dim: int, cls_token: bool = True) -> torch.Tensor:
-    """Fixed 2D sin-cos position embeddings (1, [1 +] H*W, dim), the class-token slot all zeros."""
-    pos = build_sincos2d_pos_embed(list(grid), dim)
+    """Fixed 2D sin-cos position embeddings (1, [1 +] H*W, dim) in MAE's layout (util/pos_embed.py,
+    `get_2d_sincos_pos_embed`): channels [sin w, cos w, sin h, cos h] of the column (w) and row (h)
+    index, frequencies 1 / 10000^(k / (dim / 4)), computed in float64; the class-token slot all zeros."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+    rows, cols = torch.meshgrid(torch.arange(grid[0], dtype=torch.float64), torch.arange(grid[1], dtype=torch.float64),
+                                indexing="ij")
+    out_w, out_h = cols.reshape(-1, 1) * omega, rows.reshape(-1, 1) * omega
+    pos = torch.cat([out_w.sin(), out_w.cos(), out_h.sin(), out_h.cos()], dim=1).float()
     if cls_token:
         pos = torch.cat([torch.zeros(1, dim), pos], dim=0)
     return pos.unsqueeze(0)
+
+
+def timm_sincos_pos_embed(grid: tuple[int, int], dim: int) -> torch.Tensor:
+    """The table in timm's layout (`build_sincos2d_pos_embed`: [sin h, sin w, cos h, cos w]), a channel
+    permutation of MAE's: what this project's decoders used before they saved their table."""
+    return torch.cat([torch.zeros(1, dim), build_sincos2d_pos_embed(list(grid), dim)], dim=0).unsqueeze(0)
 
 
 def patch_grid(image_size, patch_size: int) -> tuple[int, int]:
@@ -77,7 +91,7 @@ class ViTEncoder(nn.Module):
         # PI-resampling of the patch projection to other patch sizes (caches one matrix per size; no weights)
         self.patch_interpolator = PatchEmbedInterpolator((cfg.patch_size, cfg.patch_size), in_chans, cfg.embed_dim)
         # forward() reads these outside vit.forward(): tell ZeRO-3 to gather them for this module
-        import deepspeed
+        import deepspeed  # heavy: DeepSpeed, loaded when a model is built
 
         for param in (self.vit.cls_token, self.vit.pos_embed, *self.vit.patch_embed.proj.parameters()):
             deepspeed.zero.register_external_parameter(self, param)
@@ -123,7 +137,7 @@ class ViTEncoder(nn.Module):
         pos = resample_abs_pos_embed(self.vit.pos_embed, list(grid), list(self.grid_size), num_prefix_tokens=1)
         return pos[:, 1:]
 
-    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | None = None, pool: str | None = None,
+    def forward(self, images: torch.Tensor, ids_keep: torch.Tensor | Callable | None = None, pool: str | None = None,
                 attn_mask: torch.Tensor | None = None, extra_tokens: torch.Tensor | None = None,
                 extra_ids: torch.Tensor | None = None, patch_size: int | None = None,
                 taps: list[int] | None = None) -> torch.Tensor | list[torch.Tensor]:
@@ -135,12 +149,16 @@ class ViTEncoder(nn.Module):
         query tokens, are appended after the patch tokens, each given the position embedding of
         patch `extra_ids` (B, M); the output then has 1 + K + M tokens. `patch_size` (default: the
         model's) cuts the image into that many pixels per patch (see `embed`); `ids_keep` and
-        `extra_ids` index that grid. `taps` (1-based block numbers, e.g. [6, 8, 10, 12]) returns the
-        list of those blocks' outputs instead, without the final norm (D-iGPT's decoders read
-        them); blocks after the last tap are not run. Call the module, not a helper method: ZeRO-3
-        gathers the class token, position embeddings and patch projection in this module's forward hook.
+        `extra_ids` index that grid. A callable `ids_keep` is called on the embedded patch tokens
+        (B, N, D) and returns the ids: masks chosen from the encoder's own embeddings (MLO-MAE).
+        `taps` (1-based block numbers, e.g. [6, 8, 10, 12]) returns the list of those blocks'
+        outputs instead, without the final norm (D-iGPT's decoders read them); blocks after the
+        last tap are not run. Call the module, not a helper method: ZeRO-3 gathers the class token,
+        position embeddings and patch projection in this module's forward hook.
         """
         tokens = self.embed(images, patch_size)
+        if callable(ids_keep):
+            ids_keep = ids_keep(tokens)
         if ids_keep is not None:
             tokens = gather_tokens(tokens, ids_keep)
         cls = (self.vit.cls_token + self.vit.pos_embed[:, :1]).expand(tokens.shape[0], -1, -1)
@@ -202,3 +220,9 @@ class ViTEncoder(nn.Module):
         # not a timm size: timm's base model with every architecture argument given
         return "vit_base_patch16_224", {"img_size": c.img_size, "patch_size": c.patch_size, "embed_dim": c.embed_dim,
                                         "depth": c.depth, "num_heads": c.num_heads, "mlp_ratio": c.mlp_ratio}
+
+
+def pooled_features(encoder, images: torch.Tensor, pool: str) -> torch.Tensor:
+    """Pooled float32 features of a frozen encoder; bf16 autocast on GPU (the features are normalised later)."""
+    with torch.autocast(images.device.type, torch.bfloat16, enabled=images.device.type == "cuda"):
+        return encoder(images, pool=pool).float()

@@ -77,7 +77,7 @@ def read_state_dict(path: str, key: str = "method.teacher.path") -> dict[str, to
     if not Path(path).is_file():
         raise FileNotFoundError(f"{key}: teacher weights not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        from safetensors.torch import load_file  # optional: only for .safetensors teachers
 
         state = load_file(path)
     elif zipfile.is_zipfile(path) and any(n.endswith("/constants.pkl") for n in zipfile.ZipFile(path).namelist()):

@@ -1,4 +1,4 @@
-"""The k-CLIP tokenizer (MaPeT): teacher patch features quantised by a k-means codebook.
+"""Fit the k-CLIP codebook (MaPeT): teacher patch features quantised by k-means.
 
 Fit the codebook once per teacher and student grid, from the same run config that trains with it:
 
@@ -11,10 +11,9 @@ on the student's grid in float16 (`--max-patches`: 512 per code by default, fais
 max_points_per_centroid in the official script), fits `method.num_codes` centroids with torch
 k-means on the GPU when there is one (`train.teachers.kmeans`: 20 iterations, random init, the
 best of `--restarts` 5 runs, as faiss niter 20 / nredo 5) and writes `method.codebook`.
-During training `KCLIPTokenizer` maps the teacher's features to code ids on the fly.
+During training `train.teachers.tokenizer.KCLIPTokenizer` maps the teacher's features to code ids on the fly.
 """
 
-import argparse
 import logging
 import sys
 import time
@@ -25,47 +24,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from data_pipeline.augment import EvalView
-from data_pipeline.stream import EvalStream, resolve_shards, to_device
-from train.config import Config, ConfigError, load_config
-from train.teachers.clip import FrozenTeacher, TeacherConfig
+from data_pipeline.batch import to_device
+from data_pipeline.shards import available_cpus, ensure_demo_shards
+from data_pipeline.stream import EvalStream, die_with_parent, resolve_shards
+from train.cli import config_of, config_parser, run_command
+from train.config import Config, ConfigError
+from train.teachers.clip import FrozenTeacher
 from train.teachers.kmeans import assign, kmeans
 
 log = logging.getLogger("train")
-FEATURE_SPACE = ("model", "img_size", "project")  # teacher settings that change what a code means
-
-
-def load_codebook(path: str, num_codes: int, teacher: TeacherConfig, feature_dim: int,
-                  key: str = "method.codebook") -> torch.Tensor:
-    """The (num_codes, C) centroids saved at `path`, checked against the run's code count and teacher."""
-    if not path or not Path(path).is_file():
-        raise ConfigError(f"{key}: k-CLIP codebook not found: {path or '(empty)'}; fit it with "
-                          "`python -m train.teachers.codebook --config <this run's config>`")
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    centroids = saved["centroids"]
-    fit_on = {k: saved["teacher"][k] for k in FEATURE_SPACE}
-    ours = {k: getattr(teacher, k) for k in FEATURE_SPACE}
-    if fit_on != ours:
-        raise ConfigError(f"{key}: {path} was fit on the features of teacher {fit_on}, this run's is {ours}")
-    if centroids.shape[0] != num_codes:
-        raise ConfigError(f"{key}: {path} has {centroids.shape[0]} codes, method.num_codes is {num_codes}")
-    if centroids.shape[1] != feature_dim:
-        raise ConfigError(f"{key}: {path} was fit on {centroids.shape[1]}-d features, this teacher gives "
-                          f"{feature_dim}-d ones (another method.teacher?)")
-    return centroids.float()
-
-
-class KCLIPTokenizer:
-    """Teacher + codebook, outside the module tree: `tokenizer(images)` -> code ids (B, N) on the student grid."""
-
-    def __init__(self, teacher: FrozenTeacher, centroids: torch.Tensor):
-        self.teacher, self.centroids = teacher, centroids
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        if self.centroids.device != images.device:
-            self.centroids = self.centroids.to(images.device)
-        _, patches = self.teacher(images)
-        return assign(patches, self.centroids)
 
 
 def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, device: torch.device,
@@ -77,7 +44,7 @@ def collect_features(cfg: Config, teacher: FrozenTeacher, max_patches: int, devi
     stream = EvalStream(shards.urls, EvalView(cfg.model.img_size, crop_pct=1.0), batch_size)
     gen = torch.Generator(device=device).manual_seed(seed)
     feats, count = [], 0
-    for batch in DataLoader(stream, batch_size=None, num_workers=workers):
+    for batch in DataLoader(stream, batch_size=None, num_workers=workers, worker_init_fn=die_with_parent):
         images = to_device(batch, device, cfg.data.mean, cfg.data.std)["images"]
         patches = teacher(images)[1].flatten(0, 1)
         patches = patches[torch.rand(len(patches), generator=gen, device=device) < keep]
@@ -114,8 +81,8 @@ def fit_codebook(cfg: Config, out: str, max_patches: int, iters: int = 20, init:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m train.teachers.codebook", description=__doc__.split("\n")[0])
-    parser.add_argument("--config", help="the run config (method.teacher, method.num_codes, data.train)")
+    parser = config_parser("python -m train.teachers.codebook", __doc__.split("\n")[0],
+                           "the run config (method.teacher, method.num_codes, data.train)")
     parser.add_argument("--out", default="", help="where to write the codebook (default: method.codebook)")
     parser.add_argument("--max-patches", type=int, default=0,
                         help="patch features to fit on (0: 512 per code, as MaPeT's max_points_per_centroid)")
@@ -124,30 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", default="random", choices=["random", "kmeans++"],
                         help="random: k sampled points, as faiss (MaPeT)")
     parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=min(4, available_cpus()),
+                        help="DataLoader workers per rank (default: 4, or fewer on a smaller machine)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.train=/data/train.json")
     args = parser.parse_intermixed_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    try:
-        cfg = load_config(args.config, args.overrides)
-        if not hasattr(cfg.method, "num_codes"):
-            raise ConfigError(f"method.name={cfg.method.name!r} has no k-CLIP codebook (use a mapet config)")
-    except ConfigError as err:
-        print(f"config error: {err}", file=sys.stderr)
-        return 2
-    from train.distributed import WorldInfo
-    from train.engine import prepare_data
+    return run_command(lambda: fit_command(args))
 
-    cfg = prepare_data(cfg, WorldInfo(rank=0, local_rank=0, world_size=1))  # the digits demo when data.train is ""
+
+def fit_command(args) -> None:
+    cfg = config_of(args)
+    if not hasattr(cfg.method, "num_codes"):
+        raise ConfigError(f"method.name={cfg.method.name!r} has no k-CLIP codebook (use a mapet config)")
+    ensure_demo_shards(cfg.data, cfg.output_dir / "shards")  # the digits demo when data.train is ""
     out = args.out or cfg.method.codebook
     if not out:
-        print("config error: set method.codebook or --out", file=sys.stderr)
-        return 2
+        raise ConfigError("set method.codebook or --out")
     fit_codebook(cfg, out, args.max_patches or 512 * cfg.method.num_codes, args.iters, args.init, args.seed,
                  args.batch_size, args.workers, args.restarts)
-    return 0
 
 
 if __name__ == "__main__":

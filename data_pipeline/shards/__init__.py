@@ -17,7 +17,6 @@ restartable: rerunning the same command after a kill writes only the missing sha
 `OUT_DIR/<split>.json` (shard URLs, counts, sha256, classes, skipped keys) is written last.
 """
 
-import argparse
 import csv
 import hashlib
 import io
@@ -26,7 +25,6 @@ import logging
 import math
 import os
 import random
-import sys
 import tarfile
 import time
 from collections.abc import Iterable
@@ -34,8 +32,13 @@ from dataclasses import dataclass
 from multiprocessing import Pool
 from pathlib import Path
 
+import numpy as np
 import webdataset as wds
 from PIL import Image
+
+from data_pipeline.augment import IMAGE_KEYS, to_rgb
+from data_pipeline.stream import key_and_extension, resolve_shards
+from train.config import ConfigError
 
 log = logging.getLogger(__name__)
 DIGITS_SIZE = 32  # the 8x8 scikit-learn digits are upsampled to this side
@@ -122,8 +125,7 @@ def write_shards(samples: Iterable[Sample], out_dir: str | Path, split: str, cla
 
 def digits_samples(split: str) -> tuple[list[Sample], list[str]]:
     """scikit-learn's 1,797 handwritten digits as 32x32 PNGs; every 5th image of a class is `val`."""
-    import numpy as np
-    from sklearn.datasets import load_digits
+    from sklearn.datasets import load_digits  # optional: scikit-learn only for the embedded demo data
 
     if split not in ("train", "val"):
         raise ValueError(f"digits split must be 'train' or 'val', got {split!r}")
@@ -156,6 +158,39 @@ def build_digits_shards(out_dir: str | Path, max_count: int = 200) -> dict[str, 
     return manifests
 
 
+def ensure_demo_shards(data, out_dir: str | Path, write: bool = True) -> bool:
+    """With no `data.train` (the config's data section), point data.train / data.val at the embedded digits
+    shards in `out_dir`, written there when `write` (one process of a run). True when it did, so the caller
+    can wait for the writer (every rank gets the same answer)."""
+    if data.train:
+        return False
+    out_dir = Path(out_dir)
+    if write:
+        build_digits_shards(out_dir)
+    data.train = str(out_dir / "train.json")
+    data.val = data.val or str(out_dir / "val.json")
+    return True
+
+
+def manifest_classes(shards: str) -> list[str] | None:
+    """The class names a shard manifest lists (None for a pattern or a manifest without them)."""
+    if not shards or not shards.endswith(".json") or not Path(shards).is_file():
+        return None
+    return json.loads(Path(shards).read_text()).get("classes") or None
+
+
+def num_classes_of(train: str, val: str, requested: int = 0, key: str = "method.num_classes") -> int | None:
+    """The class count the manifests of `train` and `val` agree on (and `requested`, when set), else an error."""
+    train_classes, val_classes = manifest_classes(train), manifest_classes(val)
+    if train_classes and val_classes and train_classes != val_classes:
+        raise ConfigError(f"mismatched classes: {train} lists {len(train_classes)} classes, {val} lists "
+                          f"{len(val_classes)} (or in another order)")
+    known = len(train_classes or val_classes or [])
+    if requested and known and requested != known:
+        raise ConfigError(f"{key}={requested} but {train if train_classes else val} lists {known} classes")
+    return requested or known or None
+
+
 # ---------------------------------------------------------------- conversion of image files
 
 
@@ -165,8 +200,6 @@ def encode_image(data: bytes, max_side: int = 0, quality: int = 95) -> tuple[byt
     RGB/grayscale JPEG and PNG are kept byte for byte (unless larger than `max_side`); other modes and
     formats are decoded, made RGB (transparency over white) and re-encoded as JPEG.
     """
-    from data_pipeline.augment import to_rgb
-
     if not data:
         raise ValueError("empty file")
     try:
@@ -372,16 +405,14 @@ class _HashingReader(io.RawIOBase):
         return self.digest.hexdigest()
 
 
-def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
+def _check_sample(files: dict[str, bytes], decode: bool, labels: bool = True) -> str | None:
     """What is wrong with one sample's files, or None."""
-    from data_pipeline.augment import IMAGE_KEYS, to_rgb
-
     ext = next((e for e in IMAGE_KEYS if e in files), None)
     if ext is None:
         return f"no image (files: {sorted(files)})"
     if not files[ext]:
         return f"empty {ext} file"
-    if not files.get("cls", b"").strip().isdigit():
+    if labels and not files.get("cls", b"").strip().isdigit():
         return f"no class index (cls: {files.get('cls')!r})"
     if decode:
         try:
@@ -393,7 +424,7 @@ def _check_sample(files: dict[str, bytes], decode: bool) -> str | None:
 
 def verify_shard(task: dict) -> dict:
     """Read one shard to its end: sha256, tar structure, every sample decodable; problems named by key."""
-    url, expected, decode = task["url"], task.get("count"), task["decode"]
+    url, expected, decode, labels = task["url"], task.get("count"), task["decode"], task.get("labels", True)
     problems, count = [], 0
 
     def report(key, files, reason):
@@ -414,11 +445,11 @@ def verify_shard(task: dict) -> dict:
             for member in tar:
                 if not member.isfile():
                     continue
-                name = os.path.basename(member.name)
-                prefix, _, ext = name.partition(".")
-                prefix = os.path.join(os.path.dirname(member.name), prefix)
+                prefix, ext = key_and_extension(member.name)  # the training stream's key rule
+                if prefix is None:
+                    continue
                 if prefix != key and key is not None:
-                    reason = _check_sample(files, decode)
+                    reason = _check_sample(files, decode, labels)
                     count += 1
                     if reason:
                         report(key, files, reason)
@@ -430,7 +461,7 @@ def verify_shard(task: dict) -> dict:
         files = {}
     if files:
         count += 1
-        reason = _check_sample(files, decode)
+        reason = _check_sample(files, decode, labels)
         if reason:
             report(key, files, reason)
     if expected is not None and count != expected:
@@ -440,20 +471,21 @@ def verify_shard(task: dict) -> dict:
     return {"url": url, "count": count, "problems": problems}
 
 
-def verify(spec: str, workers: int = 8, decode: bool = True) -> tuple[int, list[str]]:
-    """Verify a manifest's shards (or a shard pattern's) in parallel: (samples read, problems)."""
-    from data_pipeline.stream import resolve_shards
+def verify(spec: str, workers: int = 8, decode: bool = True, labels: bool = True) -> tuple[int, list[str]]:
+    """Verify a manifest's shards (or a shard pattern's) in parallel: (samples read, problems).
 
+    `labels=False` accepts samples without a class index (`cls`), as pretraining does.
+    """
     tasks = []
     if spec.endswith(".json"):
         manifest = json.loads(Path(spec).read_text()) if Path(spec).is_file() else None
         if manifest is None:
             raise FileNotFoundError(f"manifest not found: {spec}")
         urls = resolve_shards(spec, key="verify").urls
-        tasks = [{"url": u, "count": s["count"], "sha256": s.get("sha256"), "decode": decode}
+        tasks = [{"url": u, "count": s["count"], "sha256": s.get("sha256"), "decode": decode, "labels": labels}
                  for u, s in zip(urls, manifest["shards"])]
     else:
-        tasks = [{"url": u, "decode": decode} for u in resolve_shards(spec, key="verify").urls]
+        tasks = [{"url": u, "decode": decode, "labels": labels} for u in resolve_shards(spec, key="verify").urls]
     total, problems = 0, []
     with Pool(max(1, min(workers, len(tasks)))) as pool:
         for result in pool.imap(verify_shard, tasks):
@@ -464,59 +496,6 @@ def verify(spec: str, workers: int = 8, decode: bool = True) -> tuple[int, list[
     return total, problems
 
 
-# ---------------------------------------------------------------- command line
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m data_pipeline.shards", description=__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    p_digits = sub.add_parser("digits", help="write the embedded digits data set (train + val)")
-    p_digits.add_argument("out_dir")
-    p_folder = sub.add_parser("folder", help="convert an image-folder tree (one folder per class)")
-    p_folder.add_argument("root")
-    p_list = sub.add_parser("list", help="convert the files of a list (one path per line, or CSV path,label)")
-    p_list.add_argument("list_file")
-    p_list.add_argument("--root", default=None, help="folder of the relative paths (default: the list's folder)")
-    for p in (p_folder, p_list):
-        p.add_argument("out_dir")
-        p.add_argument("--split", default="train")
-        p.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes")
-        p.add_argument("--max-bytes", type=float, default=256e6, help="target bytes per shard")
-        p.add_argument("--max-count", type=int, default=0, help="at most this many samples per shard (0: no cap)")
-        p.add_argument("--max-side", type=int, default=0, help="re-encode images whose longest side is larger")
-        p.add_argument("--quality", type=int, default=95, help="JPEG quality of re-encoded images")
-        p.add_argument("--seed", type=int, default=0, help="seed of the one-off file shuffle")
-    p_verify = sub.add_parser("verify", help="check every shard of a manifest (or a shard pattern)")
-    p_verify.add_argument("manifest")
-    p_verify.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p_verify.add_argument("--no-decode", action="store_true", help="check the tar structure only")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-
-    if args.command == "digits":
-        for split, path in build_digits_shards(args.out_dir).items():
-            print(f"{split}: {json.loads(path.read_text())['num_samples']} samples, manifest {path}")
-        return 0
-    if args.command == "verify":
-        total, problems = verify(args.manifest, args.workers, not args.no_decode)
-        for problem in problems:
-            print(problem)
-        print(f"{args.manifest}: {total} samples read, {len(problems)} problems")
-        return 1 if problems else 0
-    if args.command == "folder":
-        (sources, classes), base = folder_sources(args.root), args.root
-    else:
-        (sources, classes), base = list_sources(args.list_file), args.root or Path(args.list_file).parent
-    manifest = convert(sources, classes, base, args.out_dir, args.split, workers=args.workers,
-                       max_count=args.max_count, max_bytes=args.max_bytes, max_side=args.max_side,
-                       quality=args.quality, seed=args.seed)
-    for item in manifest["skipped"][:20]:
-        print(f"skipped {item['key']}: {item['reason']}")
-    print(f"{args.split}: {manifest['num_samples']} samples in {len(manifest['shards'])} shards, {len(classes)} "
-          f"classes, {manifest['converted']} converted, {len(manifest['skipped'])} skipped; manifest "
-          f"{Path(args.out_dir) / (args.split + '.json')}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. a Slurm allocation's), not the whole node's."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
