@@ -522,22 +522,6 @@ def check_deepspeed_json(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def check_data(cfg: Config) -> None:
-    """`data.train` and `data.val` exist and can be read: the manifest, every local shard, brace / glob patterns.
-
-    Called by a run before anything is built, not by `validate`: recipes name data paths of the machine
-    they are meant for and load anywhere."""
-    from data_pipeline.stream import resolve_shards
-
-    for key in ("train", "val"):
-        spec = getattr(cfg.data, key)
-        if spec:
-            try:
-                resolve_shards(spec, f"data.{key}")
-            except (OSError, ValueError) as err:
-                raise ConfigError(str(err)) from None
-
-
 def save_config(cfg: Config, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg))), sort_keys=False))

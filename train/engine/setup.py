@@ -20,7 +20,7 @@ from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
-from train.config import Config, ConfigError, check_data, resolve_path, save_config, to_dict
+from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, global_batch, init_distributed
 from train.eval.online import OnlineMonitor
 from train.methods.base import Method
@@ -237,6 +237,20 @@ class Run:
                       "aux_data": {name: aux.state_dict() for name, aux in self.aux_loaders.items()}}
         return checkpoint.save(self.engine, cfg.output_dir / "checkpoints", step, meta, rank_state, self.world.rank,
                                cfg.run.keep_last)
+
+
+def check_data(cfg: Config) -> None:
+    """`data.train` and `data.val` exist and can be read: the manifest, every local shard, brace / glob patterns.
+
+    Called by a run before anything is built, not by `validate`: recipes name data paths of the machine
+    they are meant for and load anywhere."""
+    for key in ("train", "val"):
+        spec = getattr(cfg.data, key)
+        if spec:
+            try:
+                resolve_shards(spec, f"data.{key}")
+            except (OSError, ValueError) as err:
+                raise ConfigError(str(err)) from None
 
 
 def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
