@@ -353,7 +353,7 @@ def test_knn_on_an_official_checkpoint_is_the_knn_of_its_encoder(tmp_path, digit
     train_urls, val_urls = str(digits_dir / "train.json"), str(digits_dir / "val.json")
     assert knn_main([str(path), "--train", train_urls, "--val", val_urls, "--k", "10", "--workers", "0",
                      "--out", str(tmp_path / "out")]) == 0
-    result = json.loads((tmp_path / "out" / "eval" / "knn_moco_v3.json").read_text())
+    result = json.loads((tmp_path / "out" / "eval" / "knn_moco_v3_token.json").read_text())  # named by pool
     direct = knn_evaluate(expected, train_urls, val_urls, 32, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225),
                           torch.device("cpu"), ks=(10,), num_classes=10)
     assert result["k10"]["top1"] == pytest.approx(direct["k10"]["top1"]) and result["method"] == "moco_v3 (official)"

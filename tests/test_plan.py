@@ -97,7 +97,7 @@ def real_saved_bytes(method, batch, checkpointing: bool) -> tuple[float, float]:
 def test_checkpointing_keeps_block_inputs_and_one_block(make_cfg):
     """Against a real checkpointed CPU forward: what stays outside the blocks, their inputs, one block's tensors."""
     depth = 6
-    cfg = make_cfg(f"model.depth={depth}", "train.steps=10", "method.mask_ratio=0.0")
+    cfg = make_cfg(f"model.depth={depth}", "train.steps=10")
     fp = footprint(cfg, build_method)
     method = build_method(cfg)
     batch = {k: torch.zeros(v.shape, dtype=v.dtype) for k, v in meta_batch(cfg, 2).items()}
