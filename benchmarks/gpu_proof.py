@@ -437,14 +437,12 @@ def mae_step_rate(done: dict) -> tuple[float, str]:
 
 def part_data_path(work: Path, sizes: Sizes, done: dict) -> dict:
     """The GPU decode path end to end (workers read bytes and draw crops, nvjpeg decodes): img/s vs 3x the MAE rate."""
-
-
     urls, _ = shards(work, sizes)
     args = argparse.Namespace(batch_size=8 if sizes.cpu else 256, shuffle_buffer=256, img_size=sizes.img,
                               seconds=sizes.data_seconds, warmup=3)
     device = torch.device(sizes.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    side = device_side(urls, args, device)
+    side = device_side(urls, DeviceSingleView(sizes.img), args, device)
     end_to_end, _ = rate(loader(urls, DeviceSingleView(sizes.img), args, sizes.loader_workers, device),
                          args.batch_size, args.seconds, args.warmup, sync)
     step_rate, basis = mae_step_rate(done)

@@ -10,6 +10,7 @@ from train.config import ConfigError
 from train.engine import train
 from train.methods import build_method
 from train.models.ema import cosine_momentum, gathered
+from train.models.heads import FP32BatchNorm1d
 
 
 def test_structure_matches_the_official_vit_recipe(make_cfg):
@@ -120,3 +121,27 @@ def test_weight_decay_on_every_parameter_as_official(make_cfg):
     assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1]
     with pytest.raises(ConfigError, match="optim.decay_all=true with optim.layer_decay < 1"):
         make_cfg("train.steps=1", "optim.decay_all=true", "optim.layer_decay=0.75")
+
+
+def test_projection_batchnorm_runs_in_fp32_beside_bf16_weights():
+    """As nn.BatchNorm1d in fp32 (outputs, running statistics); with DeepSpeed's bf16 weights and fp32 buffers it
+    normalises in fp32 and returns bf16 (a plain BatchNorm raises a dtype error there)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 8)
+    ours, ref = FP32BatchNorm1d(8), torch.nn.BatchNorm1d(8)
+    ref.load_state_dict(ours.state_dict())
+    for _ in range(2):
+        assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    assert torch.allclose(ours.running_mean, ref.running_mean) and ours.num_batches_tracked == 2
+    ours.eval(), ref.eval()
+    assert torch.allclose(ours(x), ref(x), atol=1e-6)
+    ours.train()
+    for p in ours.parameters():
+        p.data = p.data.bfloat16()  # what DeepSpeed's bf16 does: parameters only
+    out = ours(x.bfloat16())
+    assert out.dtype == torch.bfloat16 and ours.running_mean.dtype == torch.float32
+    with pytest.raises(RuntimeError):
+        plain = torch.nn.BatchNorm1d(8)
+        for p in plain.parameters():
+            p.data = p.data.bfloat16()
+        plain(x.bfloat16())

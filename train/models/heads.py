@@ -6,6 +6,23 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class FP32BatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm computed in fp32, whatever the dtype of its weights and input, and returned in the input's.
+
+    DeepSpeed's bf16 casts parameters but not buffers, so a plain BatchNorm would see bf16 weights beside
+    fp32 running statistics (a dtype error); and the official AMP runs normalise in fp32 anyway.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        use_batch = self.training or not self.track_running_stats
+        return F.batch_norm(x.float(), self.running_mean, self.running_var, weight, bias, use_batch, self.momentum,
+                            self.eps).to(x.dtype)
+
+
 def projection_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, last_bn: bool = True) -> nn.Sequential:
     """MoCo v3's MLP: (Linear without bias, BatchNorm, ReLU) per hidden layer, then a Linear without bias and,
     when `last_bn`, a BatchNorm without affine parameters (SimCLR's design, simplified by MoCo v3)."""
@@ -14,9 +31,9 @@ def projection_mlp(num_layers: int, in_dim: int, hidden_dim: int, out_dim: int, 
         last = i == num_layers - 1
         layers.append(nn.Linear(in_dim if i == 0 else hidden_dim, out_dim if last else hidden_dim, bias=False))
         if not last:
-            layers += [nn.BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
+            layers += [FP32BatchNorm1d(hidden_dim), nn.ReLU(inplace=True)]
         elif last_bn:
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            layers.append(FP32BatchNorm1d(out_dim, affine=False))
     return nn.Sequential(*layers)
 
 
