@@ -23,13 +23,14 @@ import io
 import json
 import logging
 import math
+import multiprocessing
 import os
 import random
 import tarfile
 import time
 from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
@@ -362,8 +363,10 @@ def convert(sources: list[tuple[str, int]], classes: list[str], base: str | Path
     log.info("%s: %d files, %d per shard: %d shards, %d already written, %d to write with %d workers",
              split, len(sources), per_shard, num_shards, len(records), len(tasks), workers)
     start = time.time()
-    with Pool(max(1, workers)) as pool:
-        for n, record in enumerate(pool.imap_unordered(_convert_shard, tasks), 1):
+    # forked workers (they see the parent's state); the executor, unlike Pool.terminate, waits for them on an error
+    with ProcessPoolExecutor(max(1, workers), mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(_convert_shard, task) for task in tasks]
+        for n, record in enumerate((f.result() for f in as_completed(futures)), 1):
             _atomic_write_text(done_path(record["url"]), json.dumps(record))
             records[record["index"]] = record
             if n == len(tasks) or n % max(1, len(tasks) // 20) == 0:
@@ -487,8 +490,8 @@ def verify(spec: str, workers: int = 8, decode: bool = True, labels: bool = True
     else:
         tasks = [{"url": u, "decode": decode, "labels": labels} for u in resolve_shards(spec, key="verify").urls]
     total, problems = 0, []
-    with Pool(max(1, min(workers, len(tasks)))) as pool:
-        for result in pool.imap(verify_shard, tasks):
+    with ProcessPoolExecutor(max(1, min(workers, len(tasks))), mp_context=multiprocessing.get_context("fork")) as pool:
+        for result in pool.map(verify_shard, tasks):
             total += result["count"]
             problems += result["problems"]
     if spec.endswith(".json") and total != manifest["num_samples"]:
