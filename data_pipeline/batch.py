@@ -23,21 +23,24 @@ def to_device(batch: dict, device: torch.device, mean, std) -> dict:
     return out
 
 
-def synthetic_batch(data, img_size: int, device: torch.device, seed: int = 0) -> dict:
-    """Random pixels in the shape `data.views` gives (`data`: the config's data section), normalised on the device."""
-    g = torch.Generator().manual_seed(seed)
-    b = data.batch_size
-
-    def pixels(*shape):
-        return torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
-
-    host = {"labels": torch.randint(0, 1000, (b,), generator=g)}
+def batch_shapes(data, img_size: int, batch: int) -> dict[str, tuple[int, ...]]:
+    """The uint8 image tensors' shapes of a batch of `data.views` (`data`: the config's data section)."""
+    square = (3, img_size, img_size)
     if data.views in ("single", "finetune", "mapet"):
-        host["images"] = pixels(b, 3, img_size, img_size)
+        shapes = {"images": (batch, *square)}
         if data.views == "mapet":
-            host["teacher_images"] = pixels(b, 3, img_size, img_size)
+            shapes["teacher_images"] = (batch, *square)
     else:
-        host["views"] = pixels(b, 2, 3, img_size, img_size)
+        shapes = {"views": (batch, 2, *square)}
     if data.views == "dino" and data.local_crops:
-        host["local_views"] = pixels(b, data.local_crops, 3, data.local_size, data.local_size)
+        shapes["local_views"] = (batch, data.local_crops, 3, data.local_size, data.local_size)
+    return shapes
+
+
+def synthetic_batch(data, img_size: int, device: torch.device, seed: int = 0) -> dict:
+    """Random pixels in the shapes `data.views` gives, normalised on the device."""
+    g = torch.Generator().manual_seed(seed)
+    host = {"labels": torch.randint(0, 1000, (data.batch_size,), generator=g)}
+    for key, shape in batch_shapes(data, img_size, data.batch_size).items():
+        host[key] = torch.randint(0, 256, shape, generator=g, dtype=torch.uint8)
     return to_device(host, device, data.mean, data.std)

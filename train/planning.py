@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from data_pipeline.batch import batch_shapes
 from train.config import Config
 from train.models.ema import EMA
 
@@ -177,16 +178,9 @@ def saved_tensor_counter(params: set[int], count):
 
 def meta_batch(cfg: Config, batch: int) -> dict:
     """A batch of the method's views (DESIGN.md's batch contract), shapes only."""
-    d, size = cfg.data, cfg.model.img_size
     out = {"labels": torch.zeros(batch, dtype=torch.long, device="meta")}
-    if d.views in ("single", "finetune", "mapet"):
-        out["images"] = torch.zeros(batch, 3, size, size, device="meta")
-        if d.views == "mapet":
-            out["teacher_images"] = torch.zeros(batch, 3, size, size, device="meta")
-    else:
-        out["views"] = torch.zeros(batch, 2, 3, size, size, device="meta")
-    if d.views == "dino":
-        out["local_views"] = torch.zeros(batch, d.local_crops, 3, d.local_size, d.local_size, device="meta")
+    for key, shape in batch_shapes(cfg.data, cfg.model.img_size, batch).items():
+        out[key] = torch.zeros(shape, device="meta")
     return out
 
 
