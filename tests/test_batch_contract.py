@@ -11,7 +11,8 @@ from train.planning import meta_batch
 
 @pytest.mark.parametrize("views", ["single", "finetune", "mapet", "moco_v3", "simclr", "dino"])
 def test_synthetic_and_meta_batches_have_the_loaders_shapes(make_cfg, views):
-    overrides = ["train.steps=1", f"data.views={views}"] + (["data.local_crops=2", "data.local_size=8"] if views == "dino" else [])
+    local = ["data.local_crops=2", "data.local_size=8"] if views == "dino" else []
+    overrides = ["train.steps=1", f"data.views={views}", *local]
     cfg = make_cfg(*overrides)
     d, size = cfg.data, cfg.model.img_size
     loader = StreamLoader(resolve_shards(d.train).urls, build_views(d, size), d.batch_size, shuffle_buffer=8,
