@@ -20,9 +20,11 @@ from data_pipeline.augment import (
     SIGMA,
     SOLARIZE,
     DeviceMultiView,
+    FinetuneView,
     ViewRecipe,
     build_views,
     decode_image,
+    posterize,
     render_view,
 )
 from data_pipeline.stream import StreamLoader, resolve_shards
@@ -227,3 +229,15 @@ def test_device_multi_view_resumes_exactly(digits_dir, views):
             if isinstance(a[key], torch.Tensor):
                 assert torch.equal(a[key], b[key]), key
     assert not torch.equal(full[0]["views"], full[1]["views"])
+
+
+def test_finetune_rand_augment_never_fails_on_zero_posterize_bits():
+    """RandAugment's magnitude noise can ask posterize for 0 bits: a black image (the official Pillow's result),
+    never an exception that would count the sample as undecodable."""
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8))
+    assert np.asarray(posterize(img, 0)).max() == 0
+    assert np.array_equal(np.asarray(posterize(img, 2)), np.asarray(ImageOps.posterize(img, 2)))
+    view = FinetuneView(16, rand_augment="rand-m9-mstd0.5-inc1")
+    torch.manual_seed(0)
+    for _ in range(2000):  # about 4 in 2000 draws ask for 0 bits
+        assert view(img)["images"].shape == (3, 16, 16)
