@@ -125,6 +125,7 @@ class EvalConfig:
     at_end: bool = True  # k-NN + linear probe of the encoder (and of a random one) after training
     knn_k: int = 20
     knn_temperature: float = 0.07
+    pool: str = "token"  # end-of-run features: the class token (MAE's linear probe) or "avg" of the patch tokens
     probe_epochs: int = 100
     every: int = 0  # steps between online monitors (k-NN, RankMe, feature std on a data.val subset); 0: off
     monitor_samples: int = 2000  # size of that fixed subset (rounded up to whole batches)
@@ -443,6 +444,8 @@ def validate(cfg: Config, world_size: int = 1) -> None:
     if cfg.eval.every < 0 or cfg.eval.monitor_samples < 4:
         raise ConfigError(f"eval.every={cfg.eval.every} must be >= 0 and eval.monitor_samples="
                           f"{cfg.eval.monitor_samples} >= 4")
+    if cfg.eval.pool not in ("token", "avg"):
+        raise ConfigError(f"eval.pool={cfg.eval.pool!r}: choose token or avg")
     if cfg.eval.every and not d.val:
         raise ConfigError("eval.every: the online monitor reads a labelled subset of data.val; set data.val")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:

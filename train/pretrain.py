@@ -34,14 +34,14 @@ def end_of_run_eval(cfg, result) -> dict:
     torch.manual_seed(cfg.run.seed)
     random_encoder = ViTEncoder(cfg.model).to(device)
     encoder = module.eval_encoder()
-    scores = {"pretrained": evaluate_encoder(encoder, cfg, device),
-              "random init": evaluate_encoder(random_encoder, cfg, device)}
+    scores = {"pretrained": evaluate_encoder(encoder, cfg, device, cfg.eval.pool),
+              "random init": evaluate_encoder(random_encoder, cfg, device, cfg.eval.pool)}
     if world_info_from_env().rank == 0:
-        log.info("evaluation on %s (fit on %s):", cfg.data.val, cfg.data.train)
+        log.info("evaluation on %s (fit on %s, %s pool):", cfg.data.val, cfg.data.train, cfg.eval.pool)
         for metric in ("knn_top1", "linear_top1"):
             log.info("  %-12s pretrained %5.1f%%   random init %5.1f%%", metric,
                      scores["pretrained"][metric], scores["random init"][metric])
-        (result.output_dir / "eval.json").write_text(json.dumps({"step": result.steps, **scores}, indent=1))
+        (result.output_dir / "eval.json").write_text(json.dumps({"step": result.steps, "pool": cfg.eval.pool, **scores}, indent=1))
         with SummaryWriter(str(result.output_dir / "tb")) as writer:
             for name, values in scores.items():
                 for metric, value in values.items():
