@@ -41,7 +41,8 @@ def end_of_run_eval(cfg, result) -> dict:
         for metric in ("knn_top1", "linear_top1"):
             log.info("  %-12s pretrained %5.1f%%   random init %5.1f%%", metric,
                      scores["pretrained"][metric], scores["random init"][metric])
-        (result.output_dir / "eval.json").write_text(json.dumps({"step": result.steps, "pool": cfg.eval.pool, **scores}, indent=1))
+        (result.output_dir / "eval.json").write_text(json.dumps({"step": result.steps, "pool": cfg.eval.pool, **scores},
+                                                                   indent=1))
         with SummaryWriter(str(result.output_dir / "tb")) as writer:
             for name, values in scores.items():
                 for metric, value in values.items():
