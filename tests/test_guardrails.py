@@ -6,6 +6,7 @@ import json
 import pytest
 import torch
 
+from helpers import InfiniteGradient
 from train.engine import train
 from train.methods import build_method
 from train.optim import lr_at
@@ -100,3 +101,18 @@ def test_rollback_without_a_checkpoint_and_stop_mode_stop_with_one_line(make_cfg
                                                  r"step_00000002 .* check the data\.$"):
         train(cfg, build_method)
     assert rows(cfg.output_dir)[-1] == {"step": 3, "anomaly/non_finite": 1.0, "anomaly/rollbacks": 0.0}
+
+
+@pytest.mark.e2e
+def test_steps_skipped_in_a_row_roll_back_to_the_checkpoint_before_the_skipping(make_cfg, monkeypatch):
+    calls = poison(monkeypatch, {4, 5, 6}, InfiniteGradient.apply)  # steps 5-7: finite losses DeepSpeed skips
+    cfg = make_cfg("train.steps=8", "run.ckpt_every=2", "train.max_skipped_steps=2", "run.on_anomaly=rollback",
+                   name="skips_rollback")
+    result = train(cfg, build_method)
+    assert result.steps == 8
+    # the 3rd skip in a row (step 7) rolls back to step 4: step 6's checkpoint was written while skipping
+    assert calls == [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 7]
+    written = rows(cfg.output_dir)
+    assert [r for r in written if "anomaly/rollbacks" in r] == [
+        {"step": 7, "anomaly/skipped": 1.0, "anomaly/rollbacks": 1.0}]
+    assert written[-1]["step"] == 8 and written[-1]["data/samples_seen"] == 11 * 8
