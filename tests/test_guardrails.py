@@ -116,3 +116,18 @@ def test_steps_skipped_in_a_row_roll_back_to_the_checkpoint_before_the_skipping(
     assert [r for r in written if "anomaly/rollbacks" in r] == [
         {"step": 7, "anomaly/skipped": 1.0, "anomaly/rollbacks": 1.0}]
     assert written[-1]["step"] == 8 and written[-1]["data/samples_seen"] == 11 * 8
+
+
+@pytest.mark.e2e
+def test_a_collapse_below_the_rank_floor_rolls_back(make_cfg):
+    """run.collapse_rankme above any effective rank of 32-d embeddings: every monitored step is a collapse."""
+    cfg = make_cfg("train.steps=4", "run.ckpt_every=1", "eval.every=2", "eval.monitor_samples=32",
+                   "run.on_anomaly=rollback", "run.collapse_rankme=1000", "run.max_rollbacks=1", name="collapse")
+    with pytest.raises(FloatingPointError, match=r"^representation collapse at step 2: monitor/rankme [\d.]+ < "
+                                                 r"run.collapse_rankme 1000; the last good checkpoint is "
+                                                 r"step_00000001 .* stopped after run.max_rollbacks=1 rollbacks$"):
+        train(cfg, build_method)
+    written = rows(cfg.output_dir)
+    ranks = [r["monitor/rankme"] for r in written if "monitor/rankme" in r]
+    assert len(ranks) == 2 and all(1 <= r <= 32 for r in ranks)
+    assert [(r["step"], r["anomaly/rollbacks"]) for r in written if "anomaly/collapse" in r] == [(2, 1.0), (2, 1.0)]

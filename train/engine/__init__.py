@@ -92,15 +92,17 @@ def train(cfg: Config, build_method: Callable[[Config], Method],
                 if run.diagnostic and step % cfg.compression.diagnose_every == 0 and not setting.is_full:
                     with meter.excluded():  # every rank takes part (gradients are averaged over ranks)
                         diagnosed = run.diagnostic(method, batch, step - 1, setting)
+                last_good = f"the last good checkpoint is {skips.good_tag} in {cfg.output_dir / 'checkpoints'}"
                 if run.online and (step % cfg.eval.every == 0 or step == run.total_steps):
                     with meter.excluded():  # collective: every rank embeds its share of the subset
-                        run.monitor.scalars(step, run.online(method.eval_encoder()), console=False)
+                        scores = run.online(method.eval_encoder())
+                        run.monitor.scalars(step, scores, console=False)
+                        guard.check_collapse(step, scores, last_good)
                 stopped = run.stop.agreed()
                 save_now = stopped or step % cfg.run.ckpt_every == 0 or step == run.total_steps
                 if save_now or step % cfg.run.log_every == 0:
                     if run.compression.active:  # throughput counts the tokens and FLOPs of this step's setting
                         scheduled.update(run.compression.describe(setting))
-                    last_good = f"the last good checkpoint is {skips.good_tag} in {cfg.output_dir / 'checkpoints'}"
                     values = meter.values(step, scheduled, method, setting, engine.get_global_grad_norm(), run.loader,
                                           bool(aux_data), last_good)
                     run.monitor.scalars(step, {**values, **diagnosed})

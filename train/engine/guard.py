@@ -1,4 +1,4 @@
-"""Training anomalies (a non-finite loss, DeepSpeed skipping steps in a row, a loss spike) and what
+"""Training anomalies (a non-finite loss, DeepSpeed skipping steps in a row, a loss spike, a collapse) and what
 `run.on_anomaly` does with them: `stop` the run with one line, or `rollback` to the last good checkpoint.
 
 A rollback reloads that checkpoint's weights, optimizer state and RNG, and so its step (the lr schedule and
@@ -14,7 +14,7 @@ from collections import deque
 from train import checkpoint
 
 log = logging.getLogger("train")
-KINDS = ("non_finite", "skipped", "spike")
+KINDS = ("non_finite", "skipped", "spike", "collapse")
 
 
 class Anomaly(FloatingPointError):
@@ -52,6 +52,13 @@ class Guard:
         self.run, self.cfg = run, run.cfg.run
         self.ckpt_dir = run.cfg.output_dir / "checkpoints"
         self.spikes = SpikeCheck(self.cfg.spike_factor, self.cfg.spike_window)
+
+    def check_collapse(self, step: int, scores: dict[str, float], last_good: str) -> None:
+        """The online monitor's effective rank (`monitor/rankme`) below `run.collapse_rankme` is an anomaly."""
+        rank, floor = scores.get("monitor/rankme"), self.cfg.collapse_rankme
+        if floor and rank is not None and rank < floor:
+            raise Anomaly(f"representation collapse at step {step}: monitor/rankme {rank:.4g} < run.collapse_rankme "
+                          f"{floor:g}; {last_good}.", step, "collapse")
 
     def recover(self, anomaly: Anomaly, good_tag: str | None) -> int:
         """Record `anomaly`, then re-raise it (`stop`), or roll back to checkpoint `good_tag` and return its step.
