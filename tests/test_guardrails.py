@@ -91,8 +91,8 @@ def test_a_lasting_loss_spike_stops_after_max_rollbacks_with_one_line(make_cfg, 
 def test_rollback_without_a_checkpoint_and_stop_mode_stop_with_one_line(make_cfg, monkeypatch):
     poison(monkeypatch, {0}, lambda loss: loss * float("nan"))
     cfg = make_cfg("train.steps=2", "run.on_anomaly=rollback", name="no_ckpt")
-    with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 1 .* run.on_anomaly=rollback: no "
-                                                 r"complete checkpoint to roll back to yet in "):
+    with pytest.raises(FloatingPointError, match=r"^non-finite loss at step 1 .* run.on_anomaly=rollback: no good "
+                                                 r"checkpoint to roll back to in .*checkpoints: none written yet$"):
         train(cfg, build_method)
     # stop (the default) raises the anomaly itself, also recorded in metrics.jsonl
     poison(monkeypatch, {2}, lambda loss: loss * float("nan"))

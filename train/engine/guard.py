@@ -75,8 +75,9 @@ class Guard:
         if not rollback:
             raise anomaly
         if not usable:
-            raise FloatingPointError(f"{anomaly} run.on_anomaly=rollback: no complete checkpoint to roll back to yet "
-                                     f"in {self.ckpt_dir}") from None
+            which = "none written yet" if good_tag is None else f"{good_tag} is not complete there (run.keep_last?)"
+            raise FloatingPointError(f"{anomaly} run.on_anomaly=rollback: no good checkpoint to roll back to in "
+                                     f"{self.ckpt_dir}: {which}") from None
         if not allowed:
             raise FloatingPointError(f"{anomaly} run.on_anomaly=rollback: stopped after run.max_rollbacks="
                                      f"{cfg.max_rollbacks} rollbacks") from None
