@@ -14,11 +14,11 @@ from collections import deque
 from train import checkpoint
 
 log = logging.getLogger("train")
-KINDS = ("non_finite", "skipped", "spike", "collapse")
 
 
 class Anomaly(FloatingPointError):
-    """An anomaly at `step` of one of KINDS; the message is the one line a stopped run ends with."""
+    """An anomaly at `step` of `kind` non_finite | skipped | spike | collapse; the message is the one line a
+    stopped run ends with."""
 
     def __init__(self, message: str, step: int, kind: str):
         super().__init__(message)
