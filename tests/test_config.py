@@ -43,6 +43,11 @@ def test_yaml_file_and_roundtrip(tmp_path):
     (["data.crop_scale=[0.9,0.5]"], "data.crop_scale"),
     (["run.resume=/no/such/ckpt"], "run.resume: checkpoint not found"),
     (["optim.base_lr"], "expected key=value"),
+    (["run.on_anomaly=retry"], "run.on_anomaly='retry': choose one of ('stop', 'rollback')"),
+    (["run.spike_factor=0.5"], "run.spike_factor=0.5 must be 0 (off) or > 1"),
+    (["run.max_rollbacks=0"], "run.max_rollbacks=0 must be >= 1"),
+    (["run.rollback_lr_scale=0"], "run.rollback_lr_scale=0.0 must be in (0, 1]"),
+    (["run.collapse_rankme=2"], "run.collapse_rankme=2.0 must be >= 0 and needs the online monitor (eval.every > 0)"),
 ])
 def test_rejected_with_one_line(overrides, message):
     with pytest.raises(ConfigError) as err:

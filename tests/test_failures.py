@@ -14,12 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from data_pipeline.augment import SingleView
 from data_pipeline.stream import DataError, EvalStream, StreamLoader
-from helpers import REPO, tiny_overrides
+from helpers import REPO, InfiniteGradient, tiny_overrides
 from train.engine import train
 from train.methods import build_method
 
@@ -211,18 +210,6 @@ def test_a_bad_setup_stops_the_real_process_with_exit_2_and_one_line(tmp_path, d
     proc = subprocess.run([sys.executable, "-m", "train.pretrain", *tiny_overrides(), "train.steps=2", *argv],
                           env=ENV, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and message in error_line(proc.stderr)
-
-
-class InfiniteGradient(torch.autograd.Function):
-    """The identity with an infinite gradient: a finite loss whose step DeepSpeed skips as an overflow."""
-
-    @staticmethod
-    def forward(ctx, x):
-        return x.clone()
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad * float("inf")
 
 
 def test_steps_deepspeed_skips_are_failures_not_progress(make_cfg, monkeypatch):

@@ -30,6 +30,7 @@ VIEWS = ("single", "moco_v3", "simclr", "dino", "finetune", "mapet")
 DECODE = ("auto", "cpu", "gpu")
 OPTIMIZERS = ("adamw", "sgd", "lars")
 DEFAULT_METHOD = "mae"
+ANOMALY_ACTIONS = ("stop", "rollback")
 
 
 class ConfigError(ValueError):
@@ -46,6 +47,14 @@ class RunConfig:
     ckpt_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_last: int = 2  # completed checkpoints kept on disk
     resume: str = "auto"  # "auto": latest complete checkpoint in output_dir if any; "": never; or a path
+    # a non-finite loss, more than train.max_skipped_steps skipped steps in a row or a loss spike: "stop" the run,
+    # or "rollback": reload the last good checkpoint (not its data position) and go on past the bad data window
+    on_anomaly: str = "stop"
+    spike_factor: float = 0.0  # a logged loss above this x the median of the last spike_window logged ones (0: off)
+    spike_window: int = 20  # logged losses the spike median is taken over (checks start once this many are logged)
+    max_rollbacks: int = 3  # rollbacks in a run (counted across resumes) before it stops
+    rollback_lr_scale: float = 1.0  # the lr schedule is multiplied by this at each rollback (cumulative)
+    collapse_rankme: float = 0.0  # the online monitor's monitor/rankme below this is an anomaly too (0: off)
 
 
 @dataclass
@@ -450,9 +459,26 @@ def validate(cfg: Config, world_size: int = 1) -> None:
         raise ConfigError("eval.every: the online monitor reads a labelled subset of data.val; set data.val")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
+    check_guardrails(cfg)
     if cfg.run.resume not in ("", "auto") and not Path(cfg.run.resume).exists():
         raise ConfigError(f"run.resume: checkpoint not found: {cfg.run.resume}")
     check_accelerate_env(cfg, zero, world_size)
+
+
+def check_guardrails(cfg: Config) -> None:
+    """run.on_anomaly and its settings, one line each."""
+    r = cfg.run
+    if r.on_anomaly not in ANOMALY_ACTIONS:
+        raise ConfigError(f"run.on_anomaly={r.on_anomaly!r}: choose one of {ANOMALY_ACTIONS}")
+    if r.spike_factor and r.spike_factor <= 1:
+        raise ConfigError(f"run.spike_factor={r.spike_factor} must be 0 (off) or > 1")
+    if r.spike_window < 1 or r.max_rollbacks < 1:
+        raise ConfigError(f"run.spike_window={r.spike_window} and run.max_rollbacks={r.max_rollbacks} must be >= 1")
+    if not 0 < r.rollback_lr_scale <= 1:
+        raise ConfigError(f"run.rollback_lr_scale={r.rollback_lr_scale} must be in (0, 1]")
+    if r.collapse_rankme < 0 or (r.collapse_rankme and not cfg.eval.every):
+        raise ConfigError(f"run.collapse_rankme={r.collapse_rankme} must be >= 0 and needs the online monitor "
+                          "(eval.every > 0)")
 
 
 def check_accelerate_env(cfg: Config, zero: dict, world_size: int, env: dict | None = None) -> None:

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from train.compression import FULL
+from train.engine.guard import Anomaly
 from train.monitor import gpu_peak_flops
 
 
@@ -67,9 +68,8 @@ class Meter:
         share and the loader's counters. A non-finite report stops the run naming `last_good`."""
         values = reduce_report(self.sums, self.counts)
         if not all(math.isfinite(v) for v in values.values()):
-            raise FloatingPointError(
-                f"non-finite loss at step {step} ({values}); {last_good}. Lower optim.base_lr, set "
-                "optim.clip_grad, or check the data.")
+            raise Anomaly(f"non-finite loss at step {step} ({values}); {last_good}. Lower optim.base_lr, set "
+                          "optim.clip_grad, or check the data.", step, "non_finite")
         elapsed = time.perf_counter() - self.start
         values.update(scheduled)
         if grad_norm is not None:

@@ -22,6 +22,7 @@ from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
 from train.config import Config, ConfigError, resolve_path, save_config, to_dict
 from train.distributed import WorldInfo, barrier, device_for, global_batch, init_distributed
+from train.engine.guard import Anomaly
 from train.eval.online import OnlineMonitor
 from train.methods.base import Method
 from train.monitor import Monitor
@@ -138,11 +139,15 @@ class SkippedSteps:
         self.in_row = self.in_row + 1 if skipped else 0
         self.applied += not skipped
         if self.in_row > self.limit:
-            raise FloatingPointError(self.message(f"{self.in_row} optimizer steps in a row up to step {step}"))
+            raise Anomaly(self.message(f"{self.in_row} optimizer steps in a row up to step {step}"), step, "skipped")
 
     def saved(self, tag: str) -> None:
         if self.in_row == 0:
             self.good_tag = tag
+
+    def rolled_back(self) -> None:
+        """The weights of `good_tag` are back: no step of the current run of skipped ones counts any more."""
+        self.in_row = 0
 
     def finish(self, step: int) -> None:
         if self.seen and not self.applied:
@@ -151,7 +156,7 @@ class SkippedSteps:
     def message(self, which: str) -> str:
         return (f"DeepSpeed skipped {which}: the gradients overflowed or their norm is not finite; the last good "
                 f"checkpoint is {self.good_tag} in {self.ckpt_dir}. Lower optim.base_lr, set optim.clip_grad, "
-                "or check the data (train.max_skipped_steps sets how many in a row are tolerated)")
+                "or check the data (train.max_skipped_steps sets how many in a row are tolerated).")
 
 
 class StopFlag:
@@ -221,11 +226,13 @@ class Run:
     online: OnlineMonitor | None  # eval.every: the fixed data.val subset the encoder is scored on
     stop: StopFlag
     resumed_from: str | None = None  # the checkpoint tag this run continues
+    lr_scale: float = 1.0  # run.rollback_lr_scale ** rollbacks: multiplies the lr schedule
+    rollbacks: int = 0  # run.on_anomaly=rollback: rollbacks so far (saved in checkpoints, so counted across resumes)
 
     def schedule(self, step: int) -> dict[str, float]:
         """Set the optimizer's lr (and weight decay when it follows a schedule) for `step`; the logged values."""
         o = self.cfg.optim
-        values = {"train/lr": lr_at(step, self.peak_lr, self.total_steps, self.warmup_steps, o.min_lr)}
+        values = {"train/lr": self.lr_scale * lr_at(step, self.peak_lr, self.total_steps, self.warmup_steps, o.min_lr)}
         set_lr(self.optimizer, values["train/lr"])
         if o.weight_decay_end >= 0:
             values["train/weight_decay"] = weight_decay_at(step, self.total_steps, o.weight_decay, o.weight_decay_end)
@@ -234,11 +241,12 @@ class Run:
         return values
 
     def save(self, step: int) -> str:
-        """A checkpoint of every rank at `step` (weights, optimizer, RNG, data positions); returns its tag."""
+        """A checkpoint of every rank at `step` (weights, optimizer, RNG, data positions, rollback state); its tag."""
         cfg = self.cfg
         meta = {"model": architecture(cfg), "method": cfg.method.name, "config": to_dict(cfg)}
         rank_state = {"rng": checkpoint.rng_state(), "data": self.loader.state_dict(),
-                      "aux_data": {name: aux.state_dict() for name, aux in self.aux_loaders.items()}}
+                      "aux_data": {name: aux.state_dict() for name, aux in self.aux_loaders.items()},
+                      "guard": {"lr_scale": self.lr_scale, "rollbacks": self.rollbacks}}
         return checkpoint.save(self.engine, cfg.output_dir / "checkpoints", step, meta, rank_state, self.world.rank,
                                cfg.run.keep_last)
 
@@ -276,7 +284,7 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     if found:
         check_resume(cfg, *found, world.world_size)  # before any model is built
     engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size)
-    step, data_state, aux_state = resume(cfg, engine, world, found)
+    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found)
     method = engine.module
     if cfg.train.budget or cfg.train.budget_flops:
         total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps,
@@ -301,7 +309,8 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     method.set_total_steps(total_steps, steps_per_epoch_for(cfg, num_samples))
     return Run(cfg, world, device, engine, optimizer, peak_lr, total_steps, warmup_steps,
                ds_config["train_batch_size"], ds_config["gradient_accumulation_steps"], ds_config, step, loader,
-               aux_loaders, monitor, compression, diagnostic, online, StopFlag(), found[1] if found else None)
+               aux_loaders, monitor, compression, diagnostic, online, StopFlag(), found[1] if found else None,
+               **guard_state)
 
 
 def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None:
@@ -318,21 +327,24 @@ def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None
                           "split per rank), or set run.resume='' with a new run.output_dir to start afresh")
 
 
-def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None) -> tuple[int, dict | None, dict]:
+def resume(cfg: Config, engine, world: WorldInfo,
+           found: tuple[Path, str] | None) -> tuple[int, dict | None, dict, dict]:
     """Load the checkpoint `found` (`run.resume` resolved and checked by `check_resume`), if any:
-    (step, this rank's data position, its aux streams' positions). A fresh run seeds the per-rank RNG."""
+    (step, this rank's data position, its aux streams' positions, its rollback state: `Run.lr_scale` and
+    `Run.rollbacks`). A fresh run seeds the per-rank RNG."""
     if not found:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
-        return 0, None, {}
+        return 0, None, {}, {}
     resume_dir, tag = found
     client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank)
-    data_state, aux_state = None, {}
+    data_state, aux_state, guard_state = None, {}, {}
     if rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
         data_state = rank_state["data"]
         aux_state = rank_state.get("aux_data", {})
+        guard_state = rank_state.get("guard", {})
     log.info("resumed from %s at step %d", resume_dir / tag, client_state["step"])
-    return client_state["step"], data_state, aux_state
+    return client_state["step"], data_state, aux_state, guard_state
 
 
 def stream_loader(cfg: Config, world: WorldInfo, device: torch.device, urls: list[str], batch_size: int, seed: int,
