@@ -169,6 +169,7 @@ def bad_setups(tmp: Path, digits: Path) -> dict[str, tuple[list[str], str]]:
         "negative decay": (["optim.weight_decay=-0.1"], "optim.weight_decay=-0.1 must be >= 0"),
         "nothing masked": (["method.mask_ratio=0"], "method.mask_ratio=0.0 must be in (0, 1)"),
         "unknown pool": (["eval.pool=mean"], "eval.pool='mean': choose token or avg"),
+        "monitor without val": (["eval.every=1", "data.val="], "eval.every: the online monitor reads a labelled"),
         "epochs without a sample count": (["train.steps=0", "train.epochs=1", f"data.train={digits}/train-000000.tar"],
                                           "train.epochs needs the sample count"),
         "empty yaml": ([f"--config={tmp / 'empty.yaml'}"], "empty.yaml: the file is empty"),

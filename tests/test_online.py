@@ -5,8 +5,10 @@ import math
 import pytest
 import torch
 
+from helpers import REPO
 from train.eval.online import OnlineMonitor, feature_std, rankme
 from train.models.vit import ViTEncoder
+from train.recipe import load_config
 
 
 def test_rankme_by_hand():
@@ -59,3 +61,9 @@ def test_training_run_logs_the_monitor(make_cfg):
     assert [s for s, r in sorted(rows.items()) if "monitor/knn_top1" in r] == [2, 4, 5]
     assert all(0 < rows[s]["perf/monitor_fraction"] < 1 for s in (2, 4, 5))
     assert losses(cfg.output_dir) == losses(plain.output_dir)  # monitoring draws from no training RNG
+
+
+def test_the_demo_can_monitor_without_naming_its_data():
+    """The demo digits bring their val split (written at start), so eval.every needs no data.val there."""
+    cfg = load_config(REPO / "train/configs/mae_demo.yaml", ["eval.every=100"])
+    assert cfg.eval.every == 100 and not cfg.data.train

@@ -455,7 +455,7 @@ def validate(cfg: Config, world_size: int = 1) -> None:
                           f"{cfg.eval.monitor_samples} >= 4")
     if cfg.eval.pool not in ("token", "avg"):
         raise ConfigError(f"eval.pool={cfg.eval.pool!r}: choose token or avg")
-    if cfg.eval.every and not d.val:
+    if cfg.eval.every and d.train and not d.val:  # no data.train: the demo digits bring their val split
         raise ConfigError("eval.every: the online monitor reads a labelled subset of data.val; set data.val")
     if cfg.run.log_every < 1 or cfg.run.ckpt_every < 1:
         raise ConfigError("run.log_every and run.ckpt_every must be >= 1")
