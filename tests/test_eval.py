@@ -152,6 +152,8 @@ def test_finetune_run_writes_eval_json_and_tensorboard(mae_run, digits_dir, tmp_
     assert result["num_samples"] == 355 and 0 <= result["top1"] <= result["top5"] <= 100
     assert result["loss"] == pytest.approx(2.30, abs=0.3)  # ~ln(10) after 2 steps from a fresh head
     assert list((out / "tb").glob("events.out.tfevents.*"))
+    report = (out / "report.html").read_text()  # the run's report, with its evaluation curve and result table
+    assert 'data-key="eval/top1"' in report and f"<tr><td>top1</td><td>{result['top1']:.4g}</td></tr>" in report
 
 
 ZERO3_SCRIPT = """

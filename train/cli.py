@@ -12,6 +12,7 @@ from train.eval.metrics import evaluate_classifier
 from train.methods import build_method
 from train.monitor import write_results
 from train.recipe import load_config
+from train.report import report_quietly
 
 log = logging.getLogger("train")
 
@@ -85,3 +86,5 @@ def run_classification(args, method: str) -> None:
     summary = {**last, "method": method, "init": cfg.method.init, "train": cfg.data.train, "val": cfg.data.val,
                "checkpoint": str(result.output_dir / "checkpoints" / (result.last_checkpoint or ""))}
     write_results(result.output_dir, f"{method}_{result.last_checkpoint}", summary, {}, result.steps)
+    if world_info_from_env().rank == 0:
+        report_quietly(result.output_dir)

@@ -18,6 +18,7 @@ from train.engine import OutOfMemory, train
 from train.eval.quick import evaluate_encoder
 from train.methods import build_method
 from train.models.vit import ViTEncoder
+from train.report import report_quietly
 
 log = logging.getLogger("train")
 
@@ -63,6 +64,8 @@ def pretrain(args) -> int | None:
         result = train(cfg, build_method)
     except (DataError, FloatingPointError) as err:  # bad data, non-finite loss, steps skipped in a row
         print(f"error: {err}", file=sys.stderr)
+        if world_info_from_env().rank == 0:
+            report_quietly(cfg.output_dir)  # the curves up to the failure
         return 1
     if result.stopped_early:
         return
@@ -70,6 +73,7 @@ def pretrain(args) -> int | None:
         end_of_run_eval(cfg, result)
     if world_info_from_env().rank == 0:
         out = result.output_dir
+        report_quietly(out)
         log.info("TensorBoard: tensorboard --logdir %s", out / "tb")
         log.info("checkpoints: %s (latest %s); resolved config: %s", out / "checkpoints", result.last_checkpoint,
                  out / "config.yaml")
