@@ -63,9 +63,9 @@ def pretrain(args) -> int | None:
     try:
         result = train(cfg, build_method)
     except (DataError, FloatingPointError) as err:  # bad data, non-finite loss, steps skipped in a row
-        print(f"error: {err}", file=sys.stderr)
         if world_info_from_env().rank == 0:
             report_quietly(cfg.output_dir)  # the curves up to the failure
+        print(f"error: {err}", file=sys.stderr)  # last: the one line a failed run ends with
         return 1
     if result.stopped_early:
         return
