@@ -18,7 +18,7 @@ def torchrun(tmp_path, digits_dir, ranks: int, *args, module=("-m", "train.pretr
     cmd = command(tmp_path, digits_dir, *args, launcher=launcher)
     cmd[len(launcher):len(launcher) + 2] = module
     proc = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, proc.stderr[-6000:]
     return proc.stderr
 
 

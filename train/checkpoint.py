@@ -183,7 +183,7 @@ def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
         shutil.rmtree(out, ignore_errors=True)
         ds_to_universal(Namespace(input_folder=str(ckpt_dir / tag), output_folder=str(out), num_extract_workers=1,
                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                  inject_missing_state=False))
+                                  inject_missing_state=True))  # ours has no Megatron info
         _atomic_write(out / MARKER, (ckpt_dir / tag / MARKER).read_text())
     barrier()
     return out.name
