@@ -5,10 +5,11 @@ import sys
 
 import pytest
 import torch
+import yaml
 
 from data_pipeline.augment import SingleView
 from data_pipeline.stream import StreamLoader, merge_states
-from helpers import REPO, command, run_env
+from helpers import REPO, TINY_DIR, command, dotted, run_env
 from train.distributed import free_port
 
 
@@ -37,8 +38,21 @@ def test_elastic_resume_loads_the_same_weights_and_adam_state(tmp_path, digits_d
     and step that an N-rank engine resuming it the ordinary way holds (bit for bit), at the same global batch.
     (Losses after the resume cannot be compared with an uninterrupted run: the data stream moves to fresh
     segments on a new layout, by design.)"""
+    check_elastic(tmp_path, digits_dir, stage, before, after)
+
+
+@pytest.mark.e2e
+def test_elastic_resume_keeps_the_ema_teacher(tmp_path, digits_dir):
+    """HPM's EMA teacher (module extra state, outside the optimizer) survives a 2 -> 1 rank resume under ZeRO-2."""
+    got = check_elastic(tmp_path, digits_dir, 2, 2, 1, "method.name=hpm", *dotted(yaml.safe_load(
+        (TINY_DIR / "hpm.yaml").read_text())))
+    assert got["extra"]  # the teacher is there (and equal to the ordinary resume's)
+
+
+def check_elastic(tmp_path, digits_dir, stage: int, before: int, after: int, *extra: str) -> dict:
+    """Train 2 steps on `before` ranks; resume on `before` (ordinary) and `after` (elastic); compare what loaded."""
     common = ["train.global_batch_size=16", "data.batch_size=8", f"train.deepspeed=ds_configs/zero{stage}.json",
-              "optim.warmup_steps=1"]
+              "optim.warmup_steps=1", *extra]
     torchrun(tmp_path, digits_dir, before, *common, "train.steps=2")
     ref, _ = loaded(tmp_path, digits_dir, before, "same", *common, "train.steps=3")
     got, log = loaded(tmp_path, digits_dir, after, "elastic", *common, "train.steps=3")
@@ -49,6 +63,10 @@ def test_elastic_resume_loads_the_same_weights_and_adam_state(tmp_path, digits_d
         for name in ref[key]:
             assert torch.equal(ref[key][name], got[key][name]), (key, name)
     assert any(v.abs().sum() > 0 for v in got["exp_avg"].values())
+    assert ref["extra"].keys() == got["extra"].keys()  # module extra state (EMA teachers) from the model file
+    for name in ref["extra"]:
+        assert str(ref["extra"][name]) == str(got["extra"][name]), name
+    return got
     old = max(p[0] for p in ref["data"]["positions"].values())
     assert all(p[0] == old + 1 for p in got["data"]["positions"].values())  # fresh segments for every reader
 
