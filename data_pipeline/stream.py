@@ -345,6 +345,16 @@ class ShardStream(IterableDataset):
             segment, start = segment + 1, 0
 
 
+def merge_states(states: list[dict], rank: int) -> dict:
+    """The stream states of every rank of a checkpoint as one state for `rank` of a new world size.
+
+    StreamLoader starts fresh segments after the highest segment of *every* old reader, so no new reader repeats
+    an old reader's seeds; the old skip counts (summed) carry on in rank 0's state only, so the total stays."""
+    positions = [p for state in states for p in state["positions"].values()]
+    return {**states[0], "positions": {i: [p[0], p[1], p[2] if rank == 0 else 0] for i, p in enumerate(positions)},
+            "device_skipped": sum(s.get("device_skipped", 0) for s in states) if rank == 0 else 0}
+
+
 class StreamLoader:
     """Iterates a rank's batches from DataLoader workers and tracks the stream position for checkpoints.
 

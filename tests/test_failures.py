@@ -203,7 +203,8 @@ def test_every_bad_setup_is_one_config_error_line_before_the_first_step(tmp_path
     saved = tmp_path / "run" / "checkpoints" / "step_00000002"
     shutil.copy(saved / "rank_00000.pt", saved / "rank_00001.pt")  # as if written by two ranks
     assert main([*base, f"run.output_dir={tmp_path / 'run'}", "train.steps=4"]) == 2
-    assert "was written by 2 ranks and this run has 1; resume it with 2 ranks" in error_line(capsys.readouterr().err)
+    assert ("was written by 2 ranks and this run has 1 at global batch 16, this run's is 8; set "
+            "train.global_batch_size=16") in error_line(capsys.readouterr().err)
 
 
 def test_a_bad_setup_stops_the_real_process_with_exit_2_and_one_line(tmp_path, digits_dir):

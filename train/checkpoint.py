@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import time
+from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -169,11 +170,58 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> int:
     return read_meta(tag_dir.parent, tag_dir.name)["step"]
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> tuple[dict, dict | None]:
-    """Load model + optimizer into `engine`; return (client_state, this rank's state or None)."""
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_lr_scheduler_states=False)
+UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
+
+
+def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
+    """Rank 0 converts checkpoint `tag` into DeepSpeed's universal form (per-parameter fp32 weights and Adam
+    moments, any world size) beside it, once; every rank returns its tag for `load` with `load_universal`."""
+    out = ckpt_dir / f"{tag}{UNIVERSAL}"
+    if rank == 0 and not (out / MARKER).exists():
+        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: DeepSpeed
+
+        # the converter saves every module entry as a tensor: it reads a copy without extra state (EMA
+        # teachers), and the original model files, which the engine loads the module from, go beside its output
+        staged = ckpt_dir / f".{tag}{UNIVERSAL}.in"
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(staged, ignore_errors=True)
+        staged.mkdir()
+        models = sorted((ckpt_dir / tag).glob("*model_states.pt"))
+        for f in (ckpt_dir / tag).iterdir():
+            if f not in models:
+                (staged / f.name).symlink_to(f.resolve())
+        for f in models:
+            saved = torch.load(f, map_location="cpu", weights_only=False)
+            saved["module"] = {k: v for k, v in saved["module"].items() if torch.is_tensor(v)}
+            torch.save(saved, staged / f.name)
+        ds_to_universal(Namespace(input_folder=str(staged), output_folder=str(out), num_extract_workers=1,
+                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                  inject_missing_state=True))  # ours has no Megatron info
+        for f in models:
+            shutil.copy2(f, out / f.name)
+        shutil.rmtree(staged)
+        _atomic_write(out / MARKER, (ckpt_dir / tag / MARKER).read_text())
+    barrier()
+    return out.name
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -> tuple[dict, dict | None]:
+    """Load model + optimizer into `engine`; return (client_state, this rank's state or None).
+
+    `universal`: the checkpoint has another world size; load its universal form (`to_universal`)."""
+    load_tag = to_universal(ckpt_dir, tag, rank) if universal else tag
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
     if path is None:
-        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / tag}")
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
+    if universal:  # DeepSpeed's universal load restores parameters only: buffers and extra state (EMA teachers)
+        params = {name for name, _ in engine.module.named_parameters()}
+        state = {k: v for k, v in read_fp32_state(ckpt_dir / tag).items() if k not in params}
+        engine.module.load_state_dict(state, strict=False)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else None
     return client_state, rank_state
+
+
+def rank_states(tag_dir: Path) -> list[dict]:
+    """Every rank's state file of checkpoint `tag_dir` (RNG and data positions), in rank order."""
+    return [torch.load(f, weights_only=False) for f in sorted(Path(tag_dir).glob("rank_*.pt"))]

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import ensure_demo_shards
-from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards
+from data_pipeline.stream import StreamLoader, merge_states, mix_seed, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
@@ -99,10 +99,11 @@ def total_steps_for(cfg: Config, num_samples: int | None) -> tuple[int, int]:
     return total, min(warmup, total)
 
 
-def build_engine(cfg: Config, build_method: Callable[[Config], Method], world_size: int):
+def build_engine(cfg: Config, build_method: Callable[[Config], Method], world_size: int, load_universal: bool = False):
     """The method (`build_method(cfg)`), its optimizer and the DeepSpeed engine around them, as every run (and
     the benchmark) builds them.
 
+    `load_universal`: the engine will load a DeepSpeed universal checkpoint (another world size's).
     Returns (engine, optimizer, ds_config, peak_lr).
     """
     torch.manual_seed(cfg.run.seed)  # identical initial weights on every rank
@@ -110,6 +111,8 @@ def build_engine(cfg: Config, build_method: Callable[[Config], Method], world_si
     if cfg.train.compile:
         compile_blocks(method, cfg.train.compile)
     ds_config = deepspeed_config(cfg, world_size)
+    if load_universal:  # elastic resume: the checkpoint loads from its universal form
+        ds_config["checkpoint"] = {"load_universal": True}
     peak_lr = optim_peak_lr(cfg.optim.base_lr, ds_config["train_batch_size"])
     groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.decay_all,
                           method.freezable)
@@ -283,8 +286,9 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     found = checkpoint.resolve_resume(cfg.run.resume, out / "checkpoints")
     if found:
         check_resume(cfg, *found, world.world_size)  # before any model is built
-    engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size)
-    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found)
+    elastic = bool(found) and saved_ranks(found[0] / found[1]) not in (0, world.world_size)
+    engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size, elastic)
+    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found, elastic)
     method = engine.module
     if cfg.train.budget or cfg.train.budget_flops:
         total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps,
@@ -320,25 +324,52 @@ def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None
     if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
         raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by method {meta.get('method')} with "
                           f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
-    ranks = len(list((ckpt_dir / tag).glob("rank_*.pt")))
-    if ranks and ranks != world_size:
-        raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by {ranks} ranks and this run has {world_size}; "
-                          f"resume it with {ranks} ranks (the ZeRO optimizer state and the data positions are "
-                          "split per rank), or set run.resume='' with a new run.output_dir to start afresh")
+    ranks = saved_ranks(ckpt_dir / tag)
+    if not ranks or ranks == world_size:
+        return
+    where = f"run.resume: {ckpt_dir / tag} was written by {ranks} ranks and this run has {world_size}"
+    if not cfg.data.resampled:
+        raise ConfigError(f"{where}; epoch mode (data.resampled=false) resumes only with {ranks} ranks (the rest of "
+                          "the epoch's shards are split per rank), or set data.resampled=true")
+    saved = meta.get("config", {})
+    theirs = (saved.get("train", {}).get("global_batch_size")
+              or saved.get("data", {}).get("batch_size", cfg.data.batch_size) * ranks)
+    if global_batch(cfg, world_size) != theirs:
+        raise ConfigError(f"{where} at global batch {theirs}, this run's is {global_batch(cfg, world_size)}; set "
+                          f"train.global_batch_size={theirs} (with data.batch_size dividing {theirs} // {world_size}) "
+                          "to resume elastically")
 
 
-def resume(cfg: Config, engine, world: WorldInfo,
-           found: tuple[Path, str] | None) -> tuple[int, dict | None, dict, dict]:
+def saved_ranks(tag_dir: Path) -> int:
+    """The number of ranks that wrote checkpoint `tag_dir` (its per-rank state files; 0 when it has none)."""
+    return len(list(tag_dir.glob("rank_*.pt")))
+
+
+def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None,
+           elastic: bool = False) -> tuple[int, dict | None, dict, dict]:
     """Load the checkpoint `found` (`run.resume` resolved and checked by `check_resume`), if any:
     (step, this rank's data position, its aux streams' positions, its rollback state: `Run.lr_scale` and
-    `Run.rollbacks`). A fresh run seeds the per-rank RNG."""
+    `Run.rollbacks`). A fresh run seeds the per-rank RNG.
+
+    `elastic`: the checkpoint has another world size. Weights, optimizer state and step load from DeepSpeed's
+    universal form of it; the data streams continue after every old reader's segments (`merge_states`)."""
     if not found:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
         return 0, None, {}, {}
     resume_dir, tag = found
-    client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank)
+    client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank, universal=elastic)
     data_state, aux_state, guard_state = None, {}, {}
-    if rank_state is not None:
+    if elastic:
+        old = checkpoint.rank_states(resume_dir / tag)
+        torch.manual_seed(mix_seed(cfg.run.seed, world.rank, client_state["step"]))  # fresh per-rank noise
+        data_state = merge_states([s["data"] for s in old], world.rank)
+        aux_state = {name: merge_states([s["aux_data"][name] for s in old], world.rank)
+                     for name in old[0].get("aux_data", {})}
+        log.info("elastic resume: %s was written by %d ranks, this run has %d; loaded its DeepSpeed universal "
+                 "checkpoint (weights, optimizer state), data streams continue on fresh segments",
+                 resume_dir / tag, len(old), world.world_size)
+        guard_state = old[0].get("guard", {})  # the rollback count and lr scale are the same on every rank
+    elif rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
         data_state = rank_state["data"]
         aux_state = rank_state.get("aux_data", {})
