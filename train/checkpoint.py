@@ -143,13 +143,19 @@ def read_fp32_state(tag_dir: Path, prefixes: tuple[str, ...] = ()) -> dict:
 
         lazy = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name, lazy_mode=True)
         state = {k: v.contiguous().float() for k, v in lazy.items() if wanted(k)}
-    model_states = sorted(tag_dir.glob("*model_states.pt"))  # ZeRO 0-2: mp_rank_00 (all); ZeRO-3: rank 0's file
-    if model_states:
-        saved = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
-        state.update({k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in saved.items()
-                      if wanted(k) and k not in state
-                      and (k.endswith("_extra_state") or v.numel() > 0)})  # ZeRO-3: empty placeholders
+    state.update(read_module_state(tag_dir, lambda key: wanted(key) and key not in state))
     return state
+
+
+def read_module_state(tag_dir: Path, wanted=lambda key: True) -> dict:
+    """The `wanted` entries of the rank-0 model-state file of checkpoint `tag_dir` (ZeRO 0-2: every weight, buffer
+    and extra state; ZeRO-3: buffers and extra state, the weights being empty placeholders), floats as fp32."""
+    model_states = sorted(Path(tag_dir).glob("*model_states.pt"))  # ZeRO 0-2: mp_rank_00; ZeRO-3: rank 0's file
+    if not model_states:
+        return {}
+    saved = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
+    return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in saved.items()
+            if wanted(k) and (k.endswith("_extra_state") or v.numel() > 0)}  # ZeRO-3: empty placeholders
 
 
 def complete_tag_dir(path: str | Path, key: str = "checkpoint") -> Path:
@@ -215,8 +221,7 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
     if universal:  # DeepSpeed's universal load restores parameters only: buffers and extra state (EMA teachers)
         params = {name for name, _ in engine.module.named_parameters()}
-        state = {k: v for k, v in read_fp32_state(ckpt_dir / tag).items() if k not in params}
-        engine.module.load_state_dict(state, strict=False)
+        engine.module.load_state_dict(read_module_state(ckpt_dir / tag, lambda key: key not in params), strict=False)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else None
     return client_state, rank_state
