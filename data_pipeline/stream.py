@@ -11,6 +11,14 @@ without decoding them. The DataLoader hands out batches from its workers round-r
 loader knows which reader produced each batch and checkpoints every reader's position plus the
 next reader in turn. Every rank's stream is infinite, so all ranks run the same number of steps.
 
+A checkpoint of another layout (world size x data.workers) continues from every old rank's state
+(`continue_layout`): every new reader starts after the highest segment any old reader reached, so no
+seed repeats. In epoch mode the rest of the old readers' epochs comes first, as one *carried-over*
+segment per new reader: each old reader's unread shards (found by replaying its shuffle up to its
+position, reading tar headers only) minus the samples it already read, split over the new readers.
+No sample of those epochs is lost or read twice; the split is kept in the state, so that segment
+resumes exactly too, or is split again by a further change of layout.
+
 With a `device`, the loader also moves each batch there (the views' own `to_device` when they decode
 on the device, else `data_pipeline.batch.to_device`), one batch ahead on a side CUDA stream so the copy and decode
 overlap the training step; a batch's position is committed only when it is handed out.
@@ -256,14 +264,15 @@ def collate(samples: list[dict]) -> dict:
 class ShardStream(IterableDataset):
     """The per-rank stream of collated batches; one instance is copied into each DataLoader worker."""
 
-    def __init__(self, urls: list[str], views: Callable, batch_size: int, *, rank: int, world_size: int,
+    def __init__(self, urls: list[str], views: Callable | None, batch_size: int, *, rank: int, world_size: int,
                  seed: int, resampled: bool, shuffle_buffer: int, num_readers: int,
-                 positions: dict | None = None, rotation: int = 0):
+                 positions: dict | None = None, rotation: int = 0, carried: dict | None = None):
         self.urls, self.views, self.batch_size = list(urls), views, batch_size
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.resampled, self.shuffle_buffer, self.num_readers = resampled, shuffle_buffer, num_readers
         self.positions = positions or {}  # reader -> (segment, index, skipped)
         self.rotation = rotation
+        self.carried = carried  # {"segment": s, "pieces": {reader: [[url, [keys read]], ...]}} (continue_layout)
         self.collate = getattr(views, "collate", collate)
         slots = world_size * num_readers
         if not resampled and len(self.urls) < slots:
@@ -285,13 +294,52 @@ class ShardStream(IterableDataset):
         random.Random(mix_seed(self.seed, segment, 1)).shuffle(order)
         return order[slot::slots]
 
-    def raw_samples(self, reader: int, segment: int, handler: SkipCounter) -> Iterator[dict]:
-        shards = self.segment_shards(reader, segment)
-        samples = tar_samples(shards, handler)
+    def segment_pieces(self, reader: int, segment: int) -> list[tuple[str, frozenset]]:
+        """Segment `segment` of `reader` as (shard, keys to leave out) pairs: its shards, or its carried-over part."""
+        if self.carried and segment == self.carried["segment"]:
+            return [(url, frozenset(keys)) for url, keys in self.carried["pieces"].get(reader, [])]
+        return [(url, frozenset()) for url in self.segment_shards(reader, segment)]
+
+    def raw_samples(self, reader: int, segment: int, handler: SkipCounter,
+                    pulled: list[set] | None = None) -> Iterator[dict]:
+        """The segment's samples in their shuffled order. `pulled`: a list that gets, per piece begun, the set
+        of keys taken from its shard so far, and every sample then carries `__piece__`, its piece's index."""
+
+        def pieces():
+            for number, (url, leave_out) in enumerate(self.segment_pieces(reader, segment)):
+                if pulled is not None:
+                    pulled.append(set())
+                for raw in tar_samples([url], handler):
+                    if raw["__key__"] in leave_out:
+                        continue
+                    if pulled is not None:
+                        pulled[number].add(raw["__key__"])
+                        raw = {**raw, "__piece__": number}
+                    yield raw
+
+        samples = pieces()
         if self.shuffle_buffer > 1:
             rng = random.Random(mix_seed(self.seed, self.rank, reader, segment, 2))
             samples = _shuffle(samples, self.shuffle_buffer, self.shuffle_buffer, rng=rng)
         return samples
+
+    def unread(self, reader: int, segment: int, index: int) -> list[list]:
+        """The [shard, keys to leave out] pieces of a segment left after its first `index` samples.
+
+        Replays the segment's shuffle over the tar headers (nothing is decoded); a piece read to its end is
+        dropped, one partly read gets the keys read so far added to the keys it leaves out."""
+        pieces = self.segment_pieces(reader, segment)
+        if index == 0:
+            return [[url, sorted(keys)] for url, keys in pieces]
+        read, pulled = [set() for _ in pieces], []
+        samples = iter(self.raw_samples(reader, segment, SkipCounter(quiet=True), pulled))
+        for _, raw in zip(range(index), samples):
+            read[raw["__piece__"]].add(raw["__key__"])
+        if next(samples, None) is None:  # read to the segment's end
+            return []
+        ended = len(pulled) - 1  # pieces before the one being pulled are out of their shards
+        return [[url, sorted(keys | read[number])] for number, (url, keys) in enumerate(pieces)
+                if number >= ended or pulled[number] - read[number]]
 
     def make_views(self, raw: dict, seed: int) -> dict:
         from_sample = getattr(self.views, "from_sample", None)  # views that need the encoded bytes
@@ -345,49 +393,90 @@ class ShardStream(IterableDataset):
             segment, start = segment + 1, 0
 
 
-def merge_states(states: list[dict], rank: int) -> dict:
-    """The stream states of every rank of a checkpoint as one state for `rank` of a new world size.
+def same_layout(state: dict, world_size: int, workers: int) -> bool:
+    """Whether a rank's saved stream `state` was written with this world size and number of readers."""
+    return state["world_size"] == world_size and state["readers"] == max(1, workers)
 
-    StreamLoader starts fresh segments after the highest segment of *every* old reader, so no new reader repeats
-    an old reader's seeds; the old skip counts (summed) carry on in rank 0's state only, so the total stays."""
-    positions = [p for state in states for p in state["positions"].values()]
-    return {**states[0], "positions": {i: [p[0], p[1], p[2] if rank == 0 else 0] for i, p in enumerate(positions)},
-            "device_skipped": sum(s.get("device_skipped", 0) for s in states) if rank == 0 else 0}
+
+def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_size: int, readers: int, seed: int,
+                    resampled: bool, shuffle_buffer: int) -> tuple[dict, dict | None]:
+    """(positions, carried-over segment) of `rank`'s readers continuing every old rank's stream `states`
+    on another layout (see the module docstring).
+
+    Every new reader starts at segment `last + 1`, after the highest segment `last` any old reader reached;
+    the skip count carries on in rank 0's reader 0. In epoch mode that segment holds, for new slot `n` of `M`
+    (slot = rank x readers + reader), the unread pieces of epochs up to `last` of each old slot `o` of `N`
+    with `n % N == o % M`, split by piece over the new slots linked to the same old slot."""
+    old_readers, old_world = states[0]["readers"], states[0]["world_size"]
+    old_slots, new_slots = old_world * old_readers, world_size * readers
+    positions = [{int(k): tuple(v) for k, v in state["positions"].items()} for state in states]
+
+    def position(slot: int) -> tuple[int, int, int]:
+        return positions[slot // old_readers].get(slot % old_readers, (0, 0, 0))
+
+    last = max(position(o)[0] for o in range(old_slots))
+    skipped = sum(p[2] for ps in positions for p in ps.values())
+    start = {k: (last + 1, 0, skipped if rank == 0 and k == 0 else 0) for k in range(readers)}
+    if resampled:
+        return start, None
+    streams = [ShardStream(urls, None, 1, rank=r, world_size=old_world, seed=state.get("seed", seed),
+                           resampled=False, shuffle_buffer=state.get("shuffle_buffer", shuffle_buffer),
+                           num_readers=old_readers, carried=state.get("carried")) for r, state in enumerate(states)]
+    pieces = {}
+    for k in range(readers):
+        slot, pieces[k] = rank * readers + k, []
+        for old in (o for o in range(old_slots) if slot % old_slots == o % new_slots):
+            stream, reader = streams[old // old_readers], old % old_readers
+            segment, index, _ = position(old)
+            rest = stream.unread(reader, segment, index)
+            for later in range(segment + 1, last + 1):
+                rest += [[url, sorted(keys)] for url, keys in stream.segment_pieces(reader, later)]
+            linked = [n for n in range(new_slots) if n % old_slots == old % new_slots]
+            pieces[k] += rest[linked.index(slot)::len(linked)]
+    return start, {"segment": last + 1, "pieces": pieces}
 
 
 class StreamLoader:
     """Iterates a rank's batches from DataLoader workers and tracks the stream position for checkpoints.
 
     With `device`, batches come out on it, normalised with `mean`/`std` (see the module docstring).
+    `state`: this rank's `state_dict()` from a checkpoint of the same layout, or every old rank's (a list)
+    from one of another world size or number of workers (`continue_layout`).
     """
 
     def __init__(self, urls: list[str], views: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, resampled: bool = True, shuffle_buffer: int = 1000, workers: int = 0,
-                 pin_memory: bool = False, state: dict | None = None, device: torch.device | None = None,
+                 pin_memory: bool = False, state: dict | list[dict] | None = None,
+                 device: torch.device | None = None,
                  mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225)):
         readers = max(1, workers)
-        positions, rotation, self.batches = {}, 0, 0
-        self.device_skipped = state.get("device_skipped", 0) if state else 0
-        if state:
-            if state["readers"] == readers and state["world_size"] == world_size:
-                positions = {int(k): tuple(v) for k, v in state["positions"].items()}
-                rotation, self.batches = state["next_reader"], state["batches"]
-            else:
-                # other reader layout: the old positions do not map, start fresh segments after them
-                first = 1 + max((v[0] for v in state["positions"].values()), default=0)
-                skipped = sum(v[2] for v in state["positions"].values())  # kept on reader 0: the count goes on
-                positions = {r: (first, 0, skipped if r == 0 else 0) for r in range(readers)}
-                self.batches = state["batches"]
-                log.warning("data stream: %d readers x %d ranks now vs %d x %d in the checkpoint; "
-                            "continuing from fresh segments instead of the exact position",
-                            readers, world_size, state["readers"], state["world_size"])
+        positions, rotation, carried, self.batches, self.device_skipped = {}, 0, None, 0, 0
+        if isinstance(state, dict):
+            if not same_layout(state, world_size, workers):
+                raise ValueError(f"stream state of {state['world_size']} ranks x {state['readers']} readers for "
+                                 f"{world_size} x {readers}: give every old rank's state (a list)")
+            positions = {int(k): tuple(v) for k, v in state["positions"].items()}
+            rotation, self.batches, carried = state["next_reader"], state["batches"], state.get("carried")
+            self.device_skipped = state.get("device_skipped", 0)
+        elif state:  # every rank's state of a checkpoint of another layout
+            positions, carried = continue_layout(state, urls, rank=rank, world_size=world_size, readers=readers,
+                                                 seed=seed, resampled=resampled, shuffle_buffer=shuffle_buffer)
+            samples = sum(s["batches"] * s.get("batch_size", batch_size) for s in state)
+            self.batches = samples // (world_size * batch_size)  # per rank, as if this layout had read them all
+            self.device_skipped = sum(s.get("device_skipped", 0) for s in state) if rank == 0 else 0
+            if rank == 0:
+                log.warning("data stream: %d ranks x %d readers now vs %d x %d in the checkpoint; %s",
+                            world_size, readers, state[0]["world_size"], state[0]["readers"], "every reader "
+                            "starts on fresh segments" if resampled else "the rest of the epoch is split over the "
+                            f"new readers (segment {carried['segment']}), then the next epoch on the new layout")
         self.readers, self.world_size, self.batch_size = readers, world_size, batch_size
+        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.positions, self.next_reader = dict(positions), rotation
         self.device, self.mean, self.std = device, mean, std
         self.prepare = getattr(views, "to_device", to_device)
         self.stream = ShardStream(urls, views, batch_size, rank=rank, world_size=world_size, seed=seed,
                                   resampled=resampled, shuffle_buffer=shuffle_buffer, num_readers=readers,
-                                  positions=positions, rotation=rotation)
+                                  positions=positions, rotation=rotation, carried=carried)
         # its own generator: starting the workers must not draw from (and shift) the global torch RNG
         self.loader = DataLoader(self.stream, batch_size=None, num_workers=workers, pin_memory=pin_memory,
                                  prefetch_factor=4 if workers else None, generator=torch.Generator(),
@@ -403,9 +492,14 @@ class StreamLoader:
         return sum(p[2] for p in self.positions.values()) + self.device_skipped
 
     def state_dict(self) -> dict:
-        return {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
-                "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
-                "device_skipped": self.device_skipped}
+        state = {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
+                 "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
+                 "batch_size": self.batch_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
+                 "device_skipped": self.device_skipped}
+        carried = self.stream.carried
+        if carried and any(p[0] <= carried["segment"] for p in self.positions.values()):
+            state["carried"] = carried  # still being read (or not yet begun by a reader)
+        return state
 
     def _to_device(self, batch: dict, side_stream) -> tuple[dict, object]:
         """(the batch on the device, a CUDA event marking the end of its preparation or None)."""

@@ -7,8 +7,6 @@ import pytest
 import torch
 import yaml
 
-from data_pipeline.augment import SingleView
-from data_pipeline.stream import StreamLoader, merge_states
 from helpers import REPO, TINY_DIR, command, dotted, run_env
 from train.distributed import free_port
 
@@ -70,16 +68,3 @@ def check_elastic(tmp_path, digits_dir, stage: int, before: int, after: int, *ex
     old = max(p[0] for p in ref["data"]["positions"].values())
     assert all(p[0] == old + 1 for p in got["data"]["positions"].values())  # fresh segments for every reader
 
-
-def test_a_new_layout_never_repeats_reader_seeds_and_keeps_the_skip_count():
-    """Two old ranks' stream states merged for one or three new ranks: every new reader starts after the highest
-    segment of any old reader (rank 1's here, which rank 0's own file does not show); the skips are counted once."""
-    old = [{"positions": {0: [3, 5, 1]}, "next_reader": 0, "readers": 1, "world_size": 2, "batches": 7,
-            "device_skipped": 2},
-           {"positions": {0: [9, 2, 4]}, "next_reader": 0, "readers": 1, "world_size": 2, "batches": 7,
-            "device_skipped": 1}]
-    for world in (1, 3):
-        loaders = [StreamLoader(["unused.tar"], SingleView(16), 8, rank=r, world_size=world, workers=2,
-                                state=merge_states(old, r)) for r in range(world)]
-        assert all(p[:2] == (10, 0) for lo in loaders for p in lo.positions.values())
-        assert sum(lo.skipped for lo in loaders) == 1 + 4 + 2 + 1

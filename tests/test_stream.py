@@ -2,6 +2,7 @@
 
 import io
 import tarfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -270,3 +271,70 @@ def test_data_throughput_benchmark_prints_its_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "per core, dino: ours / official recipe = " in out
     assert "target: GPU path >= 3 x the training step on one GPU (img/s): unmeasured" in out
+
+
+def read_one(it, loader) -> tuple[int, int]:
+    """(segment, label) of the next batch of one sample: the segment from the position it committed."""
+    label = next(it)["labels"].item()
+    return loader.positions[(loader.next_reader - 1) % loader.readers][0], label
+
+
+@pytest.mark.parametrize("layouts", [[(3, 0, 16), (2, 0, 9), (1, 0, 0)], [(1, 0, 30), (2, 2, 0)]])
+def test_epoch_mode_continues_on_another_layout_reading_each_sample_once_per_epoch(tmp_path, layouts):
+    """Epoch mode resumed on other layouts ((world size, data.workers, batches read) in turn): the carried-over
+    segments finish the old readers' epochs, so up to the last of them every sample is read exactly once per
+    epoch (counted by label); a same-layout resume inside a carried-over segment continues it exactly."""
+    urls = numbered_shards(tmp_path, 47, 4)  # 12 shards: 11 of 4 samples, 1 of 3
+
+    def loaders(world, workers, states):
+        return [StreamLoader(urls, SingleView(8), 1, rank=r, world_size=world, seed=5, resampled=False,
+                             shuffle_buffer=4, workers=workers,
+                             state=None if states is None else states[r] if len(states) == world and
+                             states[0]["readers"] == max(1, workers) else states) for r in range(world)]
+
+    read, states, carried = [], None, set()
+    for number, (world, workers, batches) in enumerate(layouts):
+        current = loaders(world, workers, states)
+        streams = [iter(lo) for lo in current]
+        if states is not None:
+            carried.add(current[0].stream.carried["segment"])
+            plans = [lo.stream.carried["pieces"] for lo in current]
+            if number == 1:  # the first change of layout met the cases that need the replay
+                segments = {p[0] for s in states for p in s["positions"].values()}
+                assert len(segments) == min(len(states), 2)  # several old readers: in two epochs
+                assert any(keys for plan in plans for pieces in plan.values() for _, keys in pieces)  # part-read
+        if batches:
+            read += [read_one(it, lo) for _ in range(batches) for it, lo in zip(streams, current)]
+            states = [lo.state_dict() for lo in current]
+            continue
+        # the last layout: a same-layout resume part-way through the carried-over segment is exact
+        read += [read_one(it, lo) for _ in range(3) for it, lo in zip(streams, current)]
+        resumed = loaders(world, workers, [lo.state_dict() for lo in current])
+        ahead = [read_one(it, lo) for _ in range(3) for it, lo in zip(streams, current)]
+        streams = [iter(lo) for lo in resumed]
+        assert [read_one(it, lo) for _ in range(3) for it, lo in zip(streams, resumed)] == ahead
+        read += ahead
+        last = max(carried)
+        while any(p[0] <= last for lo in resumed for p in lo.positions.values()):
+            read += [read_one(it, lo) for it, lo in zip(streams, resumed)]
+    epochs = [s for s in range(last) if s not in carried]
+    counts = Counter(label for segment, label in read if segment <= last)
+    assert counts == {label: len(epochs) for label in range(47)}, (epochs, carried)
+
+
+def test_a_new_layout_never_repeats_reader_seeds_and_keeps_the_counts():
+    """Two old ranks' resampled streams continued by one or three ranks: every new reader starts after the highest
+    segment of any old reader (rank 1's here, which rank 0's own state does not show); the skips are counted once
+    and the samples read are shared out over the new ranks."""
+    old = [{"positions": {0: [3, 5, 1]}, "next_reader": 0, "readers": 1, "world_size": 2, "batches": 6,
+            "batch_size": 8, "device_skipped": 2},
+           {"positions": {0: [9, 2, 4]}, "next_reader": 0, "readers": 1, "world_size": 2, "batches": 6,
+            "batch_size": 8, "device_skipped": 1}]
+    for world in (1, 3):
+        loaders = [StreamLoader(["unused.tar"], SingleView(16), 4, rank=r, world_size=world, workers=2, state=old)
+                   for r in range(world)]
+        assert all(p[:2] == (10, 0) for lo in loaders for p in lo.positions.values())
+        assert sum(lo.skipped for lo in loaders) == 1 + 4 + 2 + 1
+        assert [lo.samples_seen for lo in loaders] == [2 * 6 * 8 // world] * world
+    with pytest.raises(ValueError, match="stream state of 2 ranks x 1 readers for 1 x 2: give every old rank's"):
+        StreamLoader(["unused.tar"], SingleView(16), 4, workers=2, state=old[0])

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import ensure_demo_shards
-from data_pipeline.stream import StreamLoader, merge_states, mix_seed, resolve_shards
+from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards, same_layout
 from train import checkpoint
 from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
@@ -328,9 +328,6 @@ def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None
     if not ranks or ranks == world_size:
         return
     where = f"run.resume: {ckpt_dir / tag} was written by {ranks} ranks and this run has {world_size}"
-    if not cfg.data.resampled:
-        raise ConfigError(f"{where}; epoch mode (data.resampled=false) resumes only with {ranks} ranks (the rest of "
-                          "the epoch's shards are split per rank), or set data.resampled=true")
     saved = meta.get("config", {})
     theirs = (saved.get("train", {}).get("global_batch_size")
               or saved.get("data", {}).get("batch_size", cfg.data.batch_size) * ranks)
@@ -346,34 +343,37 @@ def saved_ranks(tag_dir: Path) -> int:
 
 
 def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None,
-           elastic: bool = False) -> tuple[int, dict | None, dict, dict]:
+           elastic: bool = False) -> tuple[int, dict | list[dict] | None, dict, dict]:
     """Load the checkpoint `found` (`run.resume` resolved and checked by `check_resume`), if any:
     (step, this rank's data position, its aux streams' positions, its rollback state: `Run.lr_scale` and
     `Run.rollbacks`). A fresh run seeds the per-rank RNG.
 
     `elastic`: the checkpoint has another world size. Weights, optimizer state and step load from DeepSpeed's
-    universal form of it; the data streams continue after every old reader's segments (`merge_states`)."""
+    universal form of it. A data stream of another layout (world size or data.workers) gets every old rank's
+    stream state, to continue from (`data_pipeline.stream.continue_layout`)."""
     if not found:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
         return 0, None, {}, {}
     resume_dir, tag = found
     client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank, universal=elastic)
-    data_state, aux_state, guard_state = None, {}, {}
+    data_state, aux_state, guard_state, old = None, {}, {}, None
     if elastic:
-        old = checkpoint.rank_states(resume_dir / tag)
         torch.manual_seed(mix_seed(cfg.run.seed, world.rank, client_state["step"]))  # fresh per-rank noise
-        data_state = merge_states([s["data"] for s in old], world.rank)
-        aux_state = {name: merge_states([s["aux_data"][name] for s in old], world.rank)
-                     for name in old[0].get("aux_data", {})}
         log.info("elastic resume: %s was written by %d ranks, this run has %d; loaded its DeepSpeed universal "
-                 "checkpoint (weights, optimizer state), data streams continue on fresh segments",
-                 resume_dir / tag, len(old), world.world_size)
-        guard_state = old[0].get("guard", {})  # the rollback count and lr scale are the same on every rank
+                 "checkpoint (weights, optimizer state)", resume_dir / tag, saved_ranks(resume_dir / tag),
+                 world.world_size)
+        old = checkpoint.rank_states(resume_dir / tag)
+        rank_state = old[0]  # its rollback count and lr scale are every rank's
     elif rank_state is not None:
         checkpoint.set_rng_state(rank_state["rng"])
+    if rank_state is not None:
         data_state = rank_state["data"]
         aux_state = rank_state.get("aux_data", {})
         guard_state = rank_state.get("guard", {})
+        if elastic or not same_layout(data_state, world.world_size, cfg.data.workers):
+            old = old or checkpoint.rank_states(resume_dir / tag)
+            data_state = [s["data"] for s in old]
+            aux_state = {name: [s["aux_data"][name] for s in old] for name in aux_state}
     log.info("resumed from %s at step %d", resume_dir / tag, client_state["step"])
     return client_state["step"], data_state, aux_state, guard_state
 
