@@ -39,6 +39,7 @@ import re
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -422,18 +423,21 @@ def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_siz
     streams = [ShardStream(urls, None, 1, rank=r, world_size=old_world, seed=state.get("seed", seed),
                            resampled=False, shuffle_buffer=state.get("shuffle_buffer", shuffle_buffer),
                            num_readers=old_readers, carried=state.get("carried")) for r, state in enumerate(states)]
-    pieces = {}
-    for k in range(readers):
-        slot, pieces[k] = rank * readers + k, []
+
+    def pieces(reader: int) -> list[list]:
+        slot, mine = rank * readers + reader, []
         for old in (o for o in range(old_slots) if slot % old_slots == o % new_slots):
-            stream, reader = streams[old // old_readers], old % old_readers
+            stream, old_reader = streams[old // old_readers], old % old_readers
             segment, index, _ = position(old)
-            rest = stream.unread(reader, segment, index)
+            rest = stream.unread(old_reader, segment, index)
             for later in range(segment + 1, last + 1):
-                rest += [[url, sorted(keys)] for url, keys in stream.segment_pieces(reader, later)]
+                rest += [[url, sorted(keys)] for url, keys in stream.segment_pieces(old_reader, later)]
             linked = [n for n in range(new_slots) if n % old_slots == old % new_slots]
-            pieces[k] += rest[linked.index(slot)::len(linked)]
-    return start, {"segment": last + 1, "pieces": pieces}
+            mine += rest[linked.index(slot)::len(linked)]
+        return mine
+
+    with ThreadPoolExecutor(readers) as pool:  # the replays read tar files: one thread per new reader
+        return start, {"segment": last + 1, "pieces": dict(enumerate(pool.map(pieces, range(readers))))}
 
 
 class StreamLoader:
