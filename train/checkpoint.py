@@ -219,12 +219,31 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
-    if universal:  # DeepSpeed's universal load restores parameters only: buffers and extra state (EMA teachers)
-        params = {name for name, _ in engine.module.named_parameters()}
-        engine.module.load_state_dict(read_module_state(ckpt_dir / tag, lambda key: key not in params), strict=False)
+    if universal:
+        restore_untrained(engine.module, ckpt_dir / tag)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else None
     return client_state, rank_state
+
+
+def restore_untrained(module: torch.nn.Module, tag_dir: Path) -> None:
+    """Load what DeepSpeed's universal load leaves as built, the state outside the optimizer: buffers, extra
+    state (EMA teachers) and frozen parameters (e.g. MoCo v3's random patch projection), from checkpoint `tag_dir`.
+
+    ZeRO-3 partitions frozen parameters too: their values come from DeepSpeed's fp32 reader and are written
+    under `GatheredParameters` (a collective: every rank takes the parameters in the same order)."""
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    partitioned = {name: p for name, p in module.named_parameters() if not p.requires_grad and hasattr(p, "ds_id")}
+    module.load_state_dict(read_module_state(tag_dir, lambda key: key not in trained and key not in partitioned),
+                           strict=False)
+    if not partitioned:
+        return
+    import deepspeed  # heavy
+
+    values = read_fp32_state(tag_dir, tuple(partitioned))
+    for name, param in partitioned.items():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
+            param.copy_(values[name].to(param.dtype))
 
 
 def rank_states(tag_dir: Path) -> list[dict]:
