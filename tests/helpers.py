@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from data_pipeline.augment import SingleView
 from data_pipeline.batch import to_device
 from data_pipeline.stream import StreamLoader, resolve_shards
 from train.checkpoint import tag_for
+from train.distributed import free_port
 from train.engine import steps_per_epoch_for, train
 from train.methods import build_method
 from train.optim import lr_at, param_groups, set_lr
@@ -133,6 +135,33 @@ def command(tmp_path, digits_dir, *overrides, launcher=()):
     """A tiny `train.pretrain` command line writing into tmp_path/run."""
     return [*launcher, "-m", "train.pretrain", *tiny_overrides(), f"run.output_dir={tmp_path / 'run'}",
             f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
+
+
+def torchrun(ranks: int) -> list[str]:
+    """The command prefix that launches `ranks` local ranks under torchrun, on a free port."""
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_port",
+            str(free_port())]
+
+
+def poison(monkeypatch, bad_calls, how):
+    """MAE's training forward with `how(loss)` on the calls (0-based) in `bad_calls`, as a bad data window would
+    make it; returns the list of calls, each the step it was called for."""
+    from train.methods.mae import MAE
+
+    original, calls = MAE.forward, []
+
+    def poisoned(self, batch, step=0):
+        loss, report = original(self, batch, step)
+        if loss.device.type == "meta":  # the planner's trace
+            return loss, report
+        calls.append(step)
+        if len(calls) - 1 in bad_calls:
+            loss = how(loss)
+            report = {"loss": loss.detach()}
+        return loss, report
+
+    monkeypatch.setattr(MAE, "forward", poisoned)
+    return calls
 
 
 def run_env():

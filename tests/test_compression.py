@@ -4,7 +4,6 @@ diagnostic, the engine hook (ZeRO-3 partitioned) and the sweep command."""
 import json
 import math
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,13 +14,12 @@ from timm.layers import resample_abs_pos_embed, resample_patch_embed
 from data_pipeline.augment import SingleView
 from data_pipeline.batch import to_device
 from data_pipeline.stream import StreamLoader, resolve_shards
-from helpers import REPO, command, fully_partitioned_zero3, read_metrics, resume_run, run_env
+from helpers import REPO, command, fully_partitioned_zero3, read_metrics, resume_run, run_env, torchrun
 from train.checkpoint import load_weights
 from train.compression import FULL, CompressionSchedule, Setting, encode, schedule_value, step_seed
 from train.compression.__main__ import main
 from train.compression.diagnostic import GradientDiagnostic, gradient_error
 from train.config import CompressionConfig, ConfigError, ModelConfig, ScheduleConfig
-from train.distributed import free_port
 from train.engine import train
 from train.methods import build_method
 from train.methods.mae import mae_loss, patchify
@@ -576,10 +574,8 @@ def test_benchmark_speed_and_learning_check_run(make_cfg, capsys, monkeypatch):
 @pytest.mark.e2e
 def test_two_ranks_zero3_compressed_with_diagnostic(tmp_path, digits_dir):
     """Both ranks take part in the diagnostic (parameters gathered from two partitions, gradients averaged)."""
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port())]
     proc = subprocess.run(command(tmp_path, digits_dir, *SCHEDULED, "train.steps=2", "compression.diagnose_every=1",
-                                  f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", launcher=launcher),
+                                  f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", launcher=torchrun(2)),
                           cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(tmp_path / "run")

@@ -4,13 +4,12 @@ import argparse
 import json
 import re
 import subprocess
-import sys
 
 import pytest
 import timm
 import torch
 
-from helpers import REPO, fully_partitioned_zero3, resume_run, run_env
+from helpers import REPO, fully_partitioned_zero3, resume_run, run_env, torchrun
 from train.config import ConfigError, ModelConfig
 from train.engine import train
 from train.eval.export import export
@@ -184,7 +183,6 @@ train(cfg, build_method, evaluate=evaluate)
 @pytest.mark.e2e
 def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp_path, digits_dir):
     from helpers import tiny_overrides
-    from train.distributed import free_port
 
     script = tmp_path / "zero3_run.py"
     script.write_text(ZERO3_SCRIPT)
@@ -192,8 +190,7 @@ def test_zero3_two_ranks_export_is_the_live_model_and_distributed_knn_agrees(tmp
     overrides = tiny_overrides() + [f"run.output_dir={out}", f"data.train={digits_dir / 'train.json'}",
                                     f"data.val={digits_dir / 'val.json'}", "train.steps=2", "run.ckpt_every=2",
                                     f"train.deepspeed={fully_partitioned_zero3(tmp_path)}"]
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script), json.dumps(overrides), str(tmp_path / "live.pt")],
+    proc = subprocess.run([*torchrun(2), str(script), json.dumps(overrides), str(tmp_path / "live.pt")],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = out / "checkpoints" / "step_00000002"

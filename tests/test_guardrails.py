@@ -2,35 +2,15 @@
 past the bad data; after run.max_rollbacks, or without a checkpoint, it stops with one line."""
 
 import json
+import subprocess
 
 import pytest
 import torch
 
-from helpers import InfiniteGradient
+from helpers import REPO, InfiniteGradient, command, poison, run_env, torchrun
 from train.engine import train
 from train.methods import build_method
 from train.optim import lr_at
-
-
-def poison(monkeypatch, bad_calls, how):
-    """MAE's training forward with `how(loss)` on the calls (0-based) in `bad_calls`, as a bad data window would
-    make it; returns the list of calls, each the step it was called for."""
-    from train.methods.mae import MAE
-
-    original, calls = MAE.forward, []
-
-    def poisoned(self, batch, step=0):
-        loss, report = original(self, batch, step)
-        if loss.device.type == "meta":  # the planner's trace
-            return loss, report
-        calls.append(step)
-        if len(calls) - 1 in bad_calls:
-            loss = how(loss)
-            report = {"loss": loss.detach()}
-        return loss, report
-
-    monkeypatch.setattr(MAE, "forward", poisoned)
-    return calls
 
 
 def rows(out_dir) -> list[dict]:
@@ -64,6 +44,25 @@ def test_a_non_finite_loss_rolls_back_and_the_run_goes_on_past_the_bad_batch(mak
     assert "Rolled back to step_00000004 (step 4), rollback 1 of 3, lr x 0.5" in warnings[0]
     saved = torch.load(cfg.output_dir / "checkpoints" / "step_00000008" / "rank_00000.pt", weights_only=False)
     assert saved["guard"] == {"lr_scale": 0.5, "rollbacks": 1}  # a resume keeps counting
+
+
+@pytest.mark.e2e
+def test_two_ranks_roll_back_together_when_one_rank_sees_a_nan(tmp_path, digits_dir):
+    """A NaN on rank 1's batch of step 5 only: the reduced loss is NaN on both ranks, so both roll back to step 4
+    together (the reload is a collective: a rank that went on would hang the other), and the run ends in time."""
+    cmd = command(tmp_path, digits_dir, "train.steps=8", "run.ckpt_every=2", "run.on_anomaly=rollback",
+                  "train.deepspeed=ds_configs/zero0.json", launcher=torchrun(2))
+    start = cmd.index("-m", len(torchrun(2)))
+    cmd[start:start + 2] = [str(REPO / "tests" / "rollback_run.py"), "1", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    written = rows(tmp_path / "run")
+    assert [r["step"] for r in written] == [1, 2, 3, 4, 5, 5, 6, 7, 8]
+    assert written[4] == {"step": 5, "anomaly/non_finite": 1.0, "anomaly/rollbacks": 1.0}
+    trained = [r for r in written if "train/loss" in r]
+    assert all(torch.isfinite(torch.tensor(r["train/loss"])) for r in trained)
+    assert [r["data/samples_seen"] for r in trained] == [8 * n for n in (1, 2, 3, 4, 6, 7, 8, 9)]  # per rank
+    assert proc.stderr.count("Rolled back to step_00000004 (step 4), rollback 1 of 3") == 2  # on each rank
 
 
 @pytest.mark.e2e

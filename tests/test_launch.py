@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, command, read_metrics, run_env
+from helpers import REPO, command, read_metrics, run_env, torchrun
 from train.distributed import world_info_from_env
 
 
@@ -52,11 +52,8 @@ TWO_RANKS = ("train.steps=4", "run.ckpt_every=2", "train.deepspeed=ds_configs/ze
 @pytest.fixture(scope="module")
 def torchrun_run(tmp_path_factory, digits_dir) -> Path:
     """A 4-step ZeRO-2 run of two gloo ranks under torchrun (its run directory)."""
-    from train.distributed import free_port
-
     tmp_path = tmp_path_factory.mktemp("torchrun")
-    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
-    proc = subprocess.run([sys.executable, *command(tmp_path, digits_dir, *TWO_RANKS, launcher=launcher)],
+    proc = subprocess.run(command(tmp_path, digits_dir, *TWO_RANKS, launcher=torchrun(2)),
                           cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return tmp_path / "run"
