@@ -347,3 +347,18 @@ def test_deepspeeds_known_deprecation_warnings_are_filtered_once_for_the_project
         """), env={**ENV, "PYTHONWARNINGS": "default"}, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "FutureWarning: something else is deprecated" in proc.stderr, proc.stderr
     assert "all_gather_into_tensor" not in proc.stderr and "custom_fwd" not in proc.stderr
+
+
+def test_a_failed_universal_conversion_is_one_error_and_leaves_nothing_behind(tmp_path):
+    """Elastic resume of a damaged checkpoint: the conversion's failure is an error naming the checkpoint (raised
+    on every rank: rank 0 hands it on), and neither a half-written universal folder nor its staging copy stays."""
+    from train.checkpoint import MARKER, to_universal
+
+    tag = tmp_path / "step_00000002"
+    tag.mkdir()
+    (tag / MARKER).write_text(json.dumps({"step": 2}))
+    (tag / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
+    with pytest.raises(RuntimeError, match=rf"elastic resume: converting {tag} to DeepSpeed's universal form failed "
+                                           "on rank 0: UnpicklingError"):
+        to_universal(tmp_path, tag.name, rank=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [tag.name]

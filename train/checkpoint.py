@@ -181,17 +181,34 @@ UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of ch
 
 def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
     """Rank 0 converts checkpoint `tag` into DeepSpeed's universal form (per-parameter fp32 weights and Adam
-    moments, any world size) beside it, once; every rank returns its tag for `load` with `load_universal`."""
+    moments, any world size) beside it, once; every rank returns its tag for `load` with `load_universal`.
+    A failed conversion raises on every rank (the others would otherwise wait for rank 0 forever)."""
     out = ckpt_dir / f"{tag}{UNIVERSAL}"
+    failed = None
     if rank == 0 and not (out / MARKER).exists():
-        from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: DeepSpeed
+        try:
+            convert_to_universal(ckpt_dir, tag, out)
+        except Exception as err:  # handed to every rank below, then raised
+            shutil.rmtree(out, ignore_errors=True)
+            failed = f"{type(err).__name__}: {err}"
+    failed = broadcast_object(failed)
+    if failed:
+        raise RuntimeError(f"elastic resume: converting {ckpt_dir / tag} to DeepSpeed's universal form failed on "
+                           f"rank 0: {failed}")
+    return out.name
 
-        # the converter saves every module entry as a tensor: it reads a copy without extra state (EMA
-        # teachers), and the original model files, which the engine loads the module from, go beside its output
-        staged = ckpt_dir / f".{tag}{UNIVERSAL}.in"
-        shutil.rmtree(out, ignore_errors=True)
-        shutil.rmtree(staged, ignore_errors=True)
-        staged.mkdir()
+
+def convert_to_universal(ckpt_dir: Path, tag: str, out: Path) -> None:
+    """DeepSpeed's `ds_to_universal` of checkpoint `tag` into `out`, marked complete at the end."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal  # heavy: DeepSpeed
+
+    # the converter saves every module entry as a tensor: it reads a copy without extra state (EMA
+    # teachers), and the original model files, which the engine loads the module from, go beside its output
+    staged = ckpt_dir / f".{tag}{UNIVERSAL}.in"
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    staged.mkdir()
+    try:
         models = sorted((ckpt_dir / tag).glob("*model_states.pt"))
         for f in (ckpt_dir / tag).iterdir():
             if f not in models:
@@ -205,10 +222,9 @@ def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
                                   inject_missing_state=True))  # ours has no Megatron info
         for f in models:
             shutil.copy2(f, out / f.name)
+    finally:
         shutil.rmtree(staged)
-        _atomic_write(out / MARKER, (ckpt_dir / tag / MARKER).read_text())
-    barrier()
-    return out.name
+    _atomic_write(out / MARKER, (ckpt_dir / tag / MARKER).read_text())
 
 
 def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -> tuple[dict, dict | None]:
