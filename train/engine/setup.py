@@ -53,14 +53,10 @@ def use_bf16(cfg: Config) -> bool:
 
 
 def deepspeed_config(cfg: Config, world_size: int) -> dict:
-    """The JSON from `train.deepspeed`, with batch sizes, precision and clipping filled in from our config."""
-    path = resolve_path(cfg.train.deepspeed)
-    ds = json.loads(path.read_text())
-    for key in ("optimizer", "scheduler"):
-        if key in ds:
-            raise ConfigError(f"{path}: remove '{key}'; the optimizer and lr schedule come from optim.*")
-    micro = cfg.data.batch_size
-    total = cfg.train.global_batch_size or micro * world_size
+    """The JSON from `train.deepspeed` (checked by `load_config`), with batch sizes, precision and clipping filled
+    in from our config."""
+    ds = json.loads(resolve_path(cfg.train.deepspeed).read_text())
+    micro, total = cfg.data.batch_size, global_batch(cfg, world_size)
     ds.update(
         train_batch_size=total,
         train_micro_batch_size_per_gpu=micro,
