@@ -216,15 +216,33 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -
 
     `universal`: the checkpoint has another world size; load its universal form (`to_universal`)."""
     load_tag = to_universal(ckpt_dir, tag, rank) if universal else tag
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if universal else []
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
     if universal:  # DeepSpeed's universal load restores parameters only: buffers and extra state (EMA teachers)
         params = {name for name, _ in engine.module.named_parameters()}
         engine.module.load_state_dict(read_module_state(ckpt_dir / tag, lambda key: key not in params), strict=False)
+        repair_universal_optimizer(optimizer, groups)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else None
     return client_state, rank_state
+
+
+def repair_universal_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """Undo two faults of DeepSpeed's ZeRO-3 universal load (ZeRO-1/2 load correctly; this is a no-op there).
+
+    It gives every param group the hyperparameters of the checkpoint's group 0 (our group 0 has no weight decay,
+    so every parameter lost it, and layer decay's `lr_scale`): `groups` (the engine's own, from this run's config,
+    taken before the load) go back. And it stores one `step` tensor for every parameter partition, which Adam
+    increments in place once per partition, so the step ran ahead by the partition count per optimizer step:
+    each partition gets its own copy."""
+    for group, own in zip(optimizer.param_groups, groups, strict=True):
+        group.update(own)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def rank_states(tag_dir: Path) -> list[dict]:
