@@ -5,6 +5,8 @@ Layout under `<output_dir>/checkpoints/`:
         rank_00000.pt       per-rank RNG states and data-stream position
         COMPLETE            written last, once every rank has finished writing
     latest                  the tag of the newest complete checkpoint, replaced atomically
+    step_00001000_universal/  DeepSpeed's universal form of a tag, written by an elastic resume
+                            (`to_universal`); removed with its tag, and when the tag is written again
 
 A crash while writing leaves `latest` on the previous complete checkpoint; `find_resume_tag`
 falls back to the newest directory with a COMPLETE marker if `latest` is missing or points at
@@ -29,6 +31,7 @@ from train.distributed import barrier, broadcast_object
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 MARKER = "COMPLETE"
+UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
 
 
 def tag_for(step: int) -> str:
@@ -76,6 +79,7 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, rank: 
     tag = tag_for(step)
     if rank == 0:
         (ckpt_dir / tag / MARKER).unlink(missing_ok=True)  # overwriting an old tag: incomplete until done
+        remove_universal(ckpt_dir, tag)  # its universal form is the old content's (to_universal trusts its marker)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank_{rank:05d}.pt")
@@ -85,9 +89,16 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, rank: 
         _atomic_write(ckpt_dir / "latest", tag)
         for old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             if old != tag:
+                remove_universal(ckpt_dir, old)
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     barrier()
     return tag
+
+
+def remove_universal(ckpt_dir: Path, tag: str) -> None:
+    """Remove what `to_universal` wrote beside checkpoint `tag`: `<tag>_universal/` and its `.in` staging folder."""
+    for path in (ckpt_dir / f"{tag}{UNIVERSAL}", ckpt_dir / f".{tag}{UNIVERSAL}.in"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def find_resume_tag(ckpt_dir: Path) -> str | None:
@@ -174,9 +185,6 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> int:
     tag_dir = complete_tag_dir(path)
     module.load_state_dict(read_fp32_state(tag_dir))
     return read_meta(tag_dir.parent, tag_dir.name)["step"]
-
-
-UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
 
 
 def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
