@@ -132,8 +132,9 @@ def plain_pytorch_losses(cfg, steps: int) -> list[float]:
 
 
 def command(tmp_path, digits_dir, *overrides, launcher=()):
-    """A tiny `train.pretrain` command line writing into tmp_path/run."""
-    return [*launcher, "-m", "train.pretrain", *tiny_overrides(), f"run.output_dir={tmp_path / 'run'}",
+    """A tiny `train.pretrain` command line writing into tmp_path/run (the tiny settings of the method named in
+    `overrides`, `tiny_overrides`)."""
+    return [*launcher, "-m", "train.pretrain", *tiny_overrides(overrides), f"run.output_dir={tmp_path / 'run'}",
             f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
 
 

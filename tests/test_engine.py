@@ -103,6 +103,33 @@ def test_find_resume_tag_none_latest_and_half_written(tmp_path):
         checkpoint.resolve_resume(str(ckpts / "step_00000300"), ckpts)
 
 
+def test_pruning_and_overwriting_a_tag_remove_its_universal_form(tmp_path):
+    """`save` prunes beyond run.keep_last with each tag's universal form (and staging folder) beside it, and drops
+    the universal form of a tag it writes again: to_universal trusts its marker, so an elastic resume would load
+    the old weights."""
+    ckpts = tmp_path / "checkpoints"
+
+    class Engine:  # DeepSpeed's save: the tag's folder
+        def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+            (ckpts / tag).mkdir(parents=True, exist_ok=True)
+
+    def universal(step):
+        tag = checkpoint.tag_for(step)
+        (ckpts / f"{tag}_universal").mkdir()
+        (ckpts / f"{tag}_universal" / checkpoint.MARKER).write_text("{}")
+        (ckpts / f".{tag}_universal.in").mkdir()
+
+    def save(step):
+        return checkpoint.save(Engine(), ckpts, step, {}, {}, rank=0, keep_last=2)
+
+    save(1), universal(1), save(2), universal(2)
+    save(3)  # prunes step 1 and its universal form
+    assert sorted(p.name for p in ckpts.iterdir()) == [".step_00000002_universal.in", "latest", "step_00000002",
+                                                       "step_00000002_universal", "step_00000003"]
+    save(2)  # written again: the old universal form goes
+    assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000003"]
+
+
 @pytest.mark.e2e
 def test_resume_from_other_architecture_is_rejected(make_cfg):
     first = make_cfg("train.steps=1", name="arch")

@@ -5,6 +5,8 @@ Layout under `<output_dir>/checkpoints/`:
         rank_00000.pt       per-rank RNG states and data-stream position
         COMPLETE            written last, once every rank has finished writing
     latest                  the tag of the newest complete checkpoint, replaced atomically
+    step_00001000_universal/  DeepSpeed's universal form of a tag, written by an elastic resume
+                            (`to_universal`); removed with its tag, and when the tag is written again
 
 A crash while writing leaves `latest` on the previous complete checkpoint; `find_resume_tag`
 falls back to the newest directory with a COMPLETE marker if `latest` is missing or points at
@@ -29,6 +31,7 @@ from train.distributed import barrier, broadcast_object
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 MARKER = "COMPLETE"
+UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
 
 
 def tag_for(step: int) -> str:
@@ -76,6 +79,7 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, rank: 
     tag = tag_for(step)
     if rank == 0:
         (ckpt_dir / tag / MARKER).unlink(missing_ok=True)  # overwriting an old tag: incomplete until done
+        remove_universal(ckpt_dir, tag)  # its universal form is the old content's (to_universal trusts its marker)
     barrier()
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step}, save_latest=False)
     torch.save(rank_state, ckpt_dir / tag / f"rank_{rank:05d}.pt")
@@ -85,9 +89,16 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, rank: 
         _atomic_write(ckpt_dir / "latest", tag)
         for old in complete_tags(ckpt_dir)[:-keep_last] if keep_last > 0 else []:
             if old != tag:
+                remove_universal(ckpt_dir, old)
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
     barrier()
     return tag
+
+
+def remove_universal(ckpt_dir: Path, tag: str) -> None:
+    """Remove what `to_universal` wrote beside checkpoint `tag`: `<tag>_universal/` and its `.in` staging folder."""
+    for path in (ckpt_dir / f"{tag}{UNIVERSAL}", ckpt_dir / f".{tag}{UNIVERSAL}.in"):
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def find_resume_tag(ckpt_dir: Path) -> str | None:
@@ -176,9 +187,6 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> int:
     return read_meta(tag_dir.parent, tag_dir.name)["step"]
 
 
-UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
-
-
 def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
     """Rank 0 converts checkpoint `tag` into DeepSpeed's universal form (per-parameter fp32 weights and Adam
     moments, any world size) beside it, once; every rank returns its tag for `load` with `load_universal`.
@@ -232,11 +240,14 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -
 
     `universal`: the checkpoint has another world size; load its universal form (`to_universal`)."""
     load_tag = to_universal(ckpt_dir, tag, rank) if universal else tag
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # the torch optimizer inside ZeRO's
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups] if universal else []
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_lr_scheduler_states=False)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {ckpt_dir / load_tag}")
     if universal:
         restore_untrained(engine.module, ckpt_dir / tag)
+        repair_universal_optimizer(optimizer, groups)
     rank_file = ckpt_dir / tag / f"rank_{rank:05d}.pt"
     rank_state = torch.load(rank_file, weights_only=False) if rank_file.exists() else None
     return client_state, rank_state
@@ -260,6 +271,21 @@ def restore_untrained(module: torch.nn.Module, tag_dir: Path) -> None:
     for name, param in partitioned.items():
         with deepspeed.zero.GatheredParameters([param], modifier_rank=0), torch.no_grad():
             param.copy_(values[name].to(param.dtype))
+
+
+def repair_universal_optimizer(optimizer: torch.optim.Optimizer, groups: list[dict]) -> None:
+    """Undo two faults of DeepSpeed's ZeRO-3 universal load (ZeRO-1/2 load correctly; this is a no-op there).
+
+    It gives every param group the hyperparameters of the checkpoint's group 0 (our group 0 has no weight decay,
+    so every parameter lost it, and layer decay's `lr_scale`): `groups` (the engine's own, from this run's config,
+    taken before the load) go back. And it stores one `step` tensor for every parameter partition, which Adam
+    increments in place once per partition, so the step ran ahead by the partition count per optimizer step:
+    each partition gets its own copy."""
+    for group, own in zip(optimizer.param_groups, groups, strict=True):
+        group.update(own)
+    for state in optimizer.state.values():
+        if torch.is_tensor(state.get("step")):
+            state["step"] = state["step"].clone()
 
 
 def rank_states(tag_dir: Path) -> list[dict]:
