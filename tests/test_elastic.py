@@ -42,12 +42,15 @@ def test_elastic_resume_loads_the_same_weights_and_adam_state(tmp_path, digits_d
 
 
 @pytest.mark.e2e
-def test_elastic_resume_keeps_frozen_parameters(tmp_path, digits_dir):
-    """MoCo v3's frozen random patch projection comes from the checkpoint, not from this run's init: the elastic
-    run (ZeRO-3, 2 -> 1 ranks) has another run.seed, so a re-initialised projection would differ."""
-    got = check_elastic(tmp_path, digits_dir, 3, 2, 1, "method.name=moco_v3",
-                        "train.accept_micro_batch_statistics=true", elastic=("run.seed=7",), fixed=False)
+def test_elastic_resume_onto_four_ranks_keeps_frozen_parameters(tmp_path, digits_dir):
+    """2 -> 4 ranks (ZeRO-3, epoch mode, micro-batch 8 -> 4 at global batch 16) with MoCo v3: its frozen random
+    patch projection comes from the checkpoint, not from this run's init (the elastic run has another run.seed, so
+    a re-initialised projection would differ). No fixed-batch steps: MoCo v3's loss depends on the rank count
+    (negatives and BatchNorm statistics per rank)."""
+    got = check_elastic(tmp_path, digits_dir, 3, 2, 4, "method.name=moco_v3", "data.resampled=false",
+                        elastic=("run.seed=7", "data.batch_size=4"), fixed=False)
     assert any(name.startswith("encoder.vit.patch_embed") for name in got["frozen"])
+    assert "carried" in got["data"]
 
 
 @pytest.mark.e2e
