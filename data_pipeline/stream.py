@@ -38,6 +38,7 @@ import random
 import re
 import signal
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -273,7 +274,7 @@ class ShardStream(IterableDataset):
         self.resampled, self.shuffle_buffer, self.num_readers = resampled, shuffle_buffer, num_readers
         self.positions = positions or {}  # reader -> (segment, index, skipped)
         self.rotation = rotation
-        self.carried = carried  # {"segment": s, "pieces": {reader: [[url, [keys read]], ...]}} (continue_layout)
+        self.carried = carried  # {"segment": s, "pieces": {reader: [[shard index, [keys read]], ...]}}
         self.collate = getattr(views, "collate", collate)
         slots = world_size * num_readers
         if not resampled and len(self.urls) < slots:
@@ -285,21 +286,23 @@ class ShardStream(IterableDataset):
                         "shard at the same time, so batches repeat samples; write more, smaller shards",
                         len(self.urls), slots, world_size, num_readers)
 
-    def segment_shards(self, reader: int, segment: int) -> list[str]:
+    def segment_shards(self, reader: int, segment: int) -> list[int]:
+        """The shards (indices into `urls`) of regular segment `segment` of `reader`."""
         slots = self.world_size * self.num_readers
         slot = self.rank * self.num_readers + reader
         if self.resampled:
             rng = random.Random(mix_seed(self.seed, self.rank, reader, segment, 0))
-            return rng.choices(self.urls, k=max(1, math.ceil(len(self.urls) / slots)))
-        order = list(self.urls)
+            return rng.choices(range(len(self.urls)), k=max(1, math.ceil(len(self.urls) / slots)))
+        order = list(range(len(self.urls)))
         random.Random(mix_seed(self.seed, segment, 1)).shuffle(order)
         return order[slot::slots]
 
-    def segment_pieces(self, reader: int, segment: int) -> list[tuple[str, frozenset]]:
-        """Segment `segment` of `reader` as (shard, keys to leave out) pairs: its shards, or its carried-over part."""
+    def segment_pieces(self, reader: int, segment: int) -> list[tuple[int, frozenset]]:
+        """Segment `segment` of `reader` as (shard index, keys to leave out) pairs: its shards, or its carried-over
+        part (by index, so shards moved to another path between runs are still found)."""
         if self.carried and segment == self.carried["segment"]:
-            return [(url, frozenset(keys)) for url, keys in self.carried["pieces"].get(reader, [])]
-        return [(url, frozenset()) for url in self.segment_shards(reader, segment)]
+            return [(shard, frozenset(keys)) for shard, keys in self.carried["pieces"].get(reader, [])]
+        return [(shard, frozenset()) for shard in self.segment_shards(reader, segment)]
 
     def raw_samples(self, reader: int, segment: int, handler: SkipCounter,
                     pulled: list[set] | None = None) -> Iterator[dict]:
@@ -307,10 +310,10 @@ class ShardStream(IterableDataset):
         of keys taken from its shard so far, and every sample then carries `__piece__`, its piece's index."""
 
         def pieces():
-            for number, (url, leave_out) in enumerate(self.segment_pieces(reader, segment)):
+            for number, (shard, leave_out) in enumerate(self.segment_pieces(reader, segment)):
                 if pulled is not None:
                     pulled.append(set())
-                for raw in tar_samples([url], handler):
+                for raw in tar_samples([self.urls[shard]], handler):
                     if raw["__key__"] in leave_out:
                         continue
                     if pulled is not None:
@@ -331,7 +334,7 @@ class ShardStream(IterableDataset):
         dropped, one partly read gets the keys read so far added to the keys it leaves out."""
         pieces = self.segment_pieces(reader, segment)
         if index == 0:
-            return [[url, sorted(keys)] for url, keys in pieces]
+            return [[shard, sorted(keys)] for shard, keys in pieces]
         read, pulled = [set() for _ in pieces], []
         samples = iter(self.raw_samples(reader, segment, SkipCounter(quiet=True), pulled))
         for _, raw in zip(range(index), samples):
@@ -339,7 +342,7 @@ class ShardStream(IterableDataset):
         if next(samples, None) is None:  # read to the segment's end
             return []
         ended = len(pulled) - 1  # pieces before the one being pulled are out of their shards
-        return [[url, sorted(keys | read[number])] for number, (url, keys) in enumerate(pieces)
+        return [[shard, sorted(keys | read[number])] for number, (shard, keys) in enumerate(pieces)
                 if number >= ended or pulled[number] - read[number]]
 
     def make_views(self, raw: dict, seed: int) -> dict:
@@ -390,24 +393,32 @@ class ShardStream(IterableDataset):
             empty = 0 if read_any else empty + 1
             if empty >= MAX_EMPTY_SEGMENTS:
                 raise DataError(f"rank {self.rank} reader {reader}: {empty} segments in a row without a readable "
-                                f"sample; check the shards (e.g. {self.segment_shards(reader, segment)[0]})")
+                                f"sample; check the shards (e.g. {self.urls[self.segment_shards(reader, segment)[0]]})")
             segment, start = segment + 1, 0
 
 
-def same_layout(state: dict, world_size: int, workers: int) -> bool:
-    """Whether a rank's saved stream `state` was written with this world size and number of readers."""
-    return state["world_size"] == world_size and state["readers"] == max(1, workers)
+def shard_list_id(urls: list[str]) -> int:
+    """The shard list by its file names in order (not their directories: shards copied elsewhere keep it)."""
+    return zlib.crc32("\n".join(url.rsplit("/", 1)[-1] for url in urls).encode())
+
+
+def continues_exactly(state: dict, urls: list[str], world_size: int, workers: int, resampled: bool) -> bool:
+    """Whether a rank's saved stream `state` continues exactly on its own: the same world size and number of
+    readers and, in epoch mode, the same shard list (positions index into its epochs' permutations)."""
+    same_shards = resampled or state.get("shards", shard_list_id(urls)) == shard_list_id(urls)
+    return state["world_size"] == world_size and state["readers"] == max(1, workers) and same_shards
 
 
 def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_size: int, readers: int, seed: int,
                     resampled: bool, shuffle_buffer: int) -> tuple[dict, dict | None]:
     """(positions, carried-over segment) of `rank`'s readers continuing every old rank's stream `states`
-    on another layout (see the module docstring).
+    on another layout or shard list (see the module docstring).
 
     Every new reader starts at segment `last + 1`, after the highest segment `last` any old reader reached;
     the skip count carries on in rank 0's reader 0. In epoch mode that segment holds, for new slot `n` of `M`
     (slot = rank x readers + reader), the unread pieces of epochs up to `last` of each old slot `o` of `N`
-    with `n % N == o % M`, split by piece over the new slots linked to the same old slot."""
+    with `n % N == o % M`, split by piece over the new slots linked to the same old slot; unless the shard
+    list changed, which leaves nothing to replay: the next epoch starts."""
     old_readers, old_world = states[0]["readers"], states[0]["world_size"]
     old_slots, new_slots = old_world * old_readers, world_size * readers
     positions = [{int(k): tuple(v) for k, v in state["positions"].items()} for state in states]
@@ -418,7 +429,7 @@ def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_siz
     last = max(position(o)[0] for o in range(old_slots))
     skipped = sum(p[2] for ps in positions for p in ps.values())
     start = {k: (last + 1, 0, skipped if rank == 0 and k == 0 else 0) for k in range(readers)}
-    if resampled:
+    if resampled or states[0].get("shards", shard_list_id(urls)) != shard_list_id(urls):
         return start, None
     streams = [ShardStream(urls, None, 1, rank=r, world_size=old_world, seed=state.get("seed", seed),
                            resampled=False, shuffle_buffer=state.get("shuffle_buffer", shuffle_buffer),
@@ -431,7 +442,7 @@ def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_siz
             segment, index, _ = position(old)
             rest = stream.unread(old_reader, segment, index)
             for later in range(segment + 1, last + 1):
-                rest += [[url, sorted(keys)] for url, keys in stream.segment_pieces(old_reader, later)]
+                rest += [[shard, sorted(keys)] for shard, keys in stream.segment_pieces(old_reader, later)]
             linked = [n for n in range(new_slots) if n % old_slots == old % new_slots]
             mine += rest[linked.index(slot)::len(linked)]
         return mine
@@ -444,8 +455,8 @@ class StreamLoader:
     """Iterates a rank's batches from DataLoader workers and tracks the stream position for checkpoints.
 
     With `device`, batches come out on it, normalised with `mean`/`std` (see the module docstring).
-    `state`: this rank's `state_dict()` from a checkpoint of the same layout, or every old rank's (a list)
-    from one of another world size or number of workers (`continue_layout`).
+    `state`: this rank's `state_dict()` from a checkpoint it continues exactly (`continues_exactly`), or every
+    old rank's (a list) from one of another world size, number of workers or shard list (`continue_layout`).
     """
 
     def __init__(self, urls: list[str], views: Callable, batch_size: int, *, rank: int = 0, world_size: int = 1,
@@ -456,9 +467,10 @@ class StreamLoader:
         readers = max(1, workers)
         positions, rotation, carried, self.batches, self.device_skipped = {}, 0, None, 0, 0
         if isinstance(state, dict):
-            if not same_layout(state, world_size, workers):
+            if not continues_exactly(state, urls, world_size, workers, resampled):
                 raise ValueError(f"stream state of {state['world_size']} ranks x {state['readers']} readers for "
-                                 f"{world_size} x {readers}: give every old rank's state (a list)")
+                                 f"{world_size} x {readers} (or of another shard list): give every old rank's state "
+                                 "(a list)")
             positions = {int(k): tuple(v) for k, v in state["positions"].items()}
             rotation, self.batches, carried = state["next_reader"], state["batches"], state.get("carried")
             self.device_skipped = state.get("device_skipped", 0)
@@ -469,10 +481,12 @@ class StreamLoader:
             self.batches = samples // (world_size * batch_size)  # per rank, as if this layout had read them all
             self.device_skipped = sum(s.get("device_skipped", 0) for s in state) if rank == 0 else 0
             if rank == 0:
-                log.warning("data stream: %d ranks x %d readers now vs %d x %d in the checkpoint; %s",
-                            world_size, readers, state[0]["world_size"], state[0]["readers"], "every reader "
-                            "starts on fresh segments" if resampled else "the rest of the epoch is split over the "
-                            f"new readers (segment {carried['segment']}), then the next epoch on the new layout")
+                what = ("every reader starts on fresh segments" if resampled else
+                        "the shard list changed (data.train): the rest of the old epoch cannot be found, a new "
+                        "epoch starts" if carried is None else "the rest of the epoch is split over the new readers "
+                        f"(segment {carried['segment']}), then the next epoch on the new layout")
+                log.warning("data stream: %d ranks x %d readers over %d shards now vs %d x %d in the checkpoint; %s",
+                            world_size, readers, len(urls), state[0]["world_size"], state[0]["readers"], what)
         self.readers, self.world_size, self.batch_size = readers, world_size, batch_size
         self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.positions, self.next_reader = dict(positions), rotation
@@ -499,7 +513,7 @@ class StreamLoader:
         state = {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
                  "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
                  "batch_size": self.batch_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
-                 "device_skipped": self.device_skipped}
+                 "shards": shard_list_id(self.stream.urls), "device_skipped": self.device_skipped}
         carried = self.stream.carried
         if carried and any(p[0] <= carried["segment"] for p in self.positions.values()):
             state["carried"] = carried  # still being read (or not yet begun by a reader)

@@ -1,6 +1,7 @@
 """Streaming at scale: pipe/brace URLs, exact-once evaluation across ranks, decode on the device, bad input."""
 
 import io
+import shutil
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -285,10 +286,17 @@ def test_epoch_mode_continues_on_another_layout_reading_each_sample_once_per_epo
     """Epoch mode resumed on other layouts ((world size, data.workers, batches read) in turn): the carried-over
     segments finish the old readers' epochs, so up to the last of them every sample is read exactly once per
     epoch (counted by label); a same-layout resume inside a carried-over segment continues it exactly.
-    `old_epochs`: in how many epochs the old readers were at the first change of layout."""
-    urls = numbered_shards(tmp_path, 47, 4)  # 12 shards: 11 of 4 samples, 1 of 3
+    `old_epochs`: in how many epochs the old readers were at the first change of layout. After the first layout
+    the shards move to another directory, as a requeued job's node-local copy would."""
+    first = numbered_shards(tmp_path, 47, 4)  # 12 shards: 11 of 4 samples, 1 of 3
+    (tmp_path / "moved").mkdir()
+    moved = [shutil.copy(url, tmp_path / "moved") for url in first]
 
     def loaders(world, workers, states):
+        if states is not None:  # the old copies are gone
+            for url in first:
+                Path(url).unlink(missing_ok=True)
+        urls = first if states is None else moved
         return [StreamLoader(urls, SingleView(8), 1, rank=r, world_size=world, seed=5, resampled=False,
                              shuffle_buffer=4, workers=workers,
                              state=None if states is None else states[r] if len(states) == world and
@@ -337,5 +345,22 @@ def test_a_new_layout_never_repeats_reader_seeds_and_keeps_the_counts():
         assert all(p[:2] == (10, 0) for lo in loaders for p in lo.positions.values())
         assert sum(lo.skipped for lo in loaders) == 1 + 4 + 2 + 1
         assert [lo.samples_seen for lo in loaders] == [2 * 6 * 8 // world] * world
-    with pytest.raises(ValueError, match="stream state of 2 ranks x 1 readers for 1 x 2: give every old rank's"):
+    with pytest.raises(ValueError, match=r"state of 2 ranks x 1 readers for 1 x 2 \(or of another shard list\)"):
         StreamLoader(["unused.tar"], SingleView(16), 4, workers=2, state=old[0])
+
+
+def test_epoch_mode_on_another_shard_list_starts_a_new_epoch(tmp_path, caplog):
+    """A checkpoint's epoch positions index into its shard list's permutations: with a shard removed they mean
+    nothing, so the stream says so in one line and starts the next epoch instead of misreading the old one."""
+    urls = numbered_shards(tmp_path, 47, 4)
+    old = StreamLoader(urls, SingleView(8), 1, seed=5, resampled=False, shuffle_buffer=4)
+    batches = iter(old)
+    for _ in range(30):
+        next(batches)
+    state = old.state_dict()
+    with pytest.raises(ValueError, match="give every old rank's state"):
+        StreamLoader(urls[:-1], SingleView(8), 1, seed=5, resampled=False, state=state)
+    with caplog.at_level("WARNING", logger="data_pipeline.stream"):
+        new = StreamLoader(urls[:-1], SingleView(8), 1, seed=5, resampled=False, state=[state])
+    assert "the shard list changed (data.train): the rest of the old epoch cannot be found" in caplog.text
+    assert new.positions == {0: (1, 0, 0)} and new.stream.carried is None and new.samples_seen == 30

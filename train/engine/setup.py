@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from data_pipeline.augment import build_views
 from data_pipeline.shards import ensure_demo_shards
-from data_pipeline.stream import StreamLoader, mix_seed, resolve_shards, same_layout
+from data_pipeline.stream import StreamLoader, continues_exactly, mix_seed, resolve_shards
 from train import checkpoint
 from train.compression import CompressionSchedule, run_flops, steps_for_budget
 from train.compression.diagnostic import GradientDiagnostic
@@ -284,7 +284,7 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
         check_resume(cfg, *found, world.world_size)  # before any model is built
     elastic = bool(found) and saved_ranks(found[0] / found[1]) not in (0, world.world_size)
     engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size, elastic)
-    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found, elastic)
+    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found, shards.urls, elastic)
     method = engine.module
     if cfg.train.budget or cfg.train.budget_flops:
         total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps,
@@ -338,15 +338,15 @@ def saved_ranks(tag_dir: Path) -> int:
     return len(list(tag_dir.glob("rank_*.pt")))
 
 
-def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None,
+def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None, urls: list[str],
            elastic: bool = False) -> tuple[int, dict | list[dict] | None, dict, dict]:
     """Load the checkpoint `found` (`run.resume` resolved and checked by `check_resume`), if any:
     (step, this rank's data position, its aux streams' positions, its rollback state: `Run.lr_scale` and
     `Run.rollbacks`). A fresh run seeds the per-rank RNG.
 
     `elastic`: the checkpoint has another world size. Weights, optimizer state and step load from DeepSpeed's
-    universal form of it. A data stream of another layout (world size or data.workers) gets every old rank's
-    stream state, to continue from (`data_pipeline.stream.continue_layout`)."""
+    universal form of it. A data stream that does not continue exactly (another world size or data.workers, or
+    another shard list in epoch mode) gets every old rank's stream state (`data_pipeline.stream.continue_layout`)."""
     if not found:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
         return 0, None, {}, {}
@@ -366,9 +366,11 @@ def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None
         data_state = rank_state["data"]
         aux_state = rank_state.get("aux_data", {})
         guard_state = rank_state.get("guard", {})
-        if elastic or not same_layout(data_state, world.world_size, cfg.data.workers):
+        relaid = elastic or not continues_exactly(data_state, [], world.world_size, cfg.data.workers, True)
+        if relaid or not continues_exactly(data_state, urls, world.world_size, cfg.data.workers, cfg.data.resampled):
             old = old or checkpoint.rank_states(resume_dir / tag)
             data_state = [s["data"] for s in old]
+        if relaid:  # the aux streams are resampled: only the layout matters to them
             aux_state = {name: [s["aux_data"][name] for s in old] for name in aux_state}
     log.info("resumed from %s at step %d", resume_dir / tag, client_state["step"])
     return client_state["step"], data_state, aux_state, guard_state
