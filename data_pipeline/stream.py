@@ -403,10 +403,11 @@ def shard_list_id(urls: list[str]) -> int:
 
 
 def continues_exactly(state: dict, urls: list[str], world_size: int, workers: int, resampled: bool) -> bool:
-    """Whether a rank's saved stream `state` continues exactly on its own: the same world size and number of
-    readers and, in epoch mode, the same shard list (positions index into its epochs' permutations)."""
+    """Whether a rank's saved stream `state` continues exactly on its own: the same world size, number of readers
+    and mode (`data.resampled`) and, in epoch mode, the same shard list (positions index into its permutations)."""
     same_shards = resampled or state.get("shards", shard_list_id(urls)) == shard_list_id(urls)
-    return state["world_size"] == world_size and state["readers"] == max(1, workers) and same_shards
+    return (state["world_size"] == world_size and state["readers"] == max(1, workers)
+            and state.get("resampled", resampled) == resampled and same_shards)
 
 
 def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_size: int, readers: int, seed: int,
@@ -429,8 +430,9 @@ def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_siz
     last = max(position(o)[0] for o in range(old_slots))
     skipped = sum(p[2] for ps in positions for p in ps.values())
     start = {k: (last + 1, 0, skipped if rank == 0 and k == 0 else 0) for k in range(readers)}
-    if resampled or states[0].get("shards", shard_list_id(urls)) != shard_list_id(urls):
-        return start, None
+    if resampled or states[0].get("resampled", False) or states[0].get("shards", shard_list_id(urls)) != \
+            shard_list_id(urls):
+        return start, None  # nothing to replay: no epochs, or they were another mode's or shard list's
     streams = [ShardStream(urls, None, 1, rank=r, world_size=old_world, seed=state.get("seed", seed),
                            resampled=False, shuffle_buffer=state.get("shuffle_buffer", shuffle_buffer),
                            num_readers=old_readers, carried=state.get("carried")) for r, state in enumerate(states)]
@@ -482,9 +484,9 @@ class StreamLoader:
             self.device_skipped = sum(s.get("device_skipped", 0) for s in state) if rank == 0 else 0
             if rank == 0:
                 what = ("every reader starts on fresh segments" if resampled else
-                        "the shard list changed (data.train): the rest of the old epoch cannot be found, a new "
-                        "epoch starts" if carried is None else "the rest of the epoch is split over the new readers "
-                        f"(segment {carried['segment']}), then the next epoch on the new layout")
+                        "the shard list (data.train) or data.resampled changed: the rest of the old epoch cannot be "
+                        "found, a new epoch starts" if carried is None else "the rest of the epoch is split over the "
+                        f"new readers (segment {carried['segment']}), then the next epoch on the new layout")
                 log.warning("data stream: %d ranks x %d readers over %d shards now vs %d x %d in the checkpoint; %s",
                             world_size, readers, len(urls), state[0]["world_size"], state[0]["readers"], what)
         self.readers, self.world_size, self.batch_size = readers, world_size, batch_size
@@ -513,7 +515,8 @@ class StreamLoader:
         state = {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
                  "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
                  "batch_size": self.batch_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
-                 "shards": shard_list_id(self.stream.urls), "device_skipped": self.device_skipped}
+                 "resampled": self.stream.resampled, "shards": shard_list_id(self.stream.urls),
+                 "device_skipped": self.device_skipped}
         carried = self.stream.carried
         if carried and any(p[0] <= carried["segment"] for p in self.positions.values()):
             state["carried"] = carried  # still being read (or not yet begun by a reader)

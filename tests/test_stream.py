@@ -349,9 +349,10 @@ def test_a_new_layout_never_repeats_reader_seeds_and_keeps_the_counts():
         StreamLoader(["unused.tar"], SingleView(16), 4, workers=2, state=old[0])
 
 
-def test_epoch_mode_on_another_shard_list_starts_a_new_epoch(tmp_path, caplog):
-    """A checkpoint's epoch positions index into its shard list's permutations: with a shard removed they mean
-    nothing, so the stream says so in one line and starts the next epoch instead of misreading the old one."""
+def test_epoch_mode_on_another_shard_list_or_mode_starts_a_new_epoch(tmp_path, caplog):
+    """A checkpoint's epoch positions index into its shard list's permutations: with a shard removed (or from a
+    resampled run) they mean nothing, so the stream says so in one line and starts the next epoch instead of
+    misreading the old one."""
     urls = numbered_shards(tmp_path, 47, 4)
     old = StreamLoader(urls, SingleView(8), 1, seed=5, resampled=False, shuffle_buffer=4)
     batches = iter(old)
@@ -362,5 +363,15 @@ def test_epoch_mode_on_another_shard_list_starts_a_new_epoch(tmp_path, caplog):
         StreamLoader(urls[:-1], SingleView(8), 1, seed=5, resampled=False, state=state)
     with caplog.at_level("WARNING", logger="data_pipeline.stream"):
         new = StreamLoader(urls[:-1], SingleView(8), 1, seed=5, resampled=False, state=[state])
-    assert "the shard list changed (data.train): the rest of the old epoch cannot be found" in caplog.text
+    assert "the shard list (data.train) or data.resampled changed: the rest of the old epoch cannot be found, a new" \
+        " epoch starts" in caplog.text
     assert new.positions == {0: (1, 0, 0)} and new.stream.carried is None and new.samples_seen == 30
+    # resampled segments are no epochs: switching to epoch mode starts one, after them
+    resampled = StreamLoader(urls, SingleView(8), 1, seed=5, shuffle_buffer=4)
+    batches = iter(resampled)
+    for _ in range(30):
+        next(batches)
+    with pytest.raises(ValueError, match="give every old rank's state"):
+        StreamLoader(urls, SingleView(8), 1, seed=5, resampled=False, state=resampled.state_dict())
+    switched = StreamLoader(urls, SingleView(8), 1, seed=5, resampled=False, state=[resampled.state_dict()])
+    assert switched.positions == {0: (resampled.positions[0][0] + 1, 0, 0)} and switched.stream.carried is None

@@ -366,18 +366,23 @@ def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None
         data_state = rank_state["data"]
         aux_state = rank_state.get("aux_data", {})
         guard_state = rank_state.get("guard", {})
-        relaid = elastic or not continues_exactly(data_state, [], world.world_size, cfg.data.workers, True)
-        if relaid or not continues_exactly(data_state, urls, world.world_size, cfg.data.workers, cfg.data.resampled):
+
+        def exact(state: dict, shards: list[str], resampled: bool) -> bool:
+            return not elastic and continues_exactly(state, shards, world.world_size, cfg.data.workers, resampled)
+
+        if not exact(data_state, urls, cfg.data.resampled):
             old = old or checkpoint.rank_states(resume_dir / tag)
             data_state = [s["data"] for s in old]
-        if relaid:  # the aux streams are resampled: only the layout matters to them
-            aux_state = {name: [s["aux_data"][name] for s in old] for name in aux_state}
+        for name, state in aux_state.items():
+            if not exact(state, [], True):  # aux streams are resampled: their shard list does not matter
+                old = old or checkpoint.rank_states(resume_dir / tag)
+                aux_state[name] = [s["aux_data"][name] for s in old]
     log.info("resumed from %s at step %d", resume_dir / tag, client_state["step"])
     return client_state["step"], data_state, aux_state, guard_state
 
 
 def stream_loader(cfg: Config, world: WorldInfo, device: torch.device, urls: list[str], batch_size: int, seed: int,
-                  resampled: bool, state: dict | None) -> StreamLoader:
+                  resampled: bool, state: dict | list[dict] | None) -> StreamLoader:
     """A training stream of this rank: the run's views, on the device and normalised, resumed from `state`."""
     d = cfg.data
     return StreamLoader(urls, build_views(d, cfg.model.img_size, device), batch_size, rank=world.rank,
