@@ -1,6 +1,7 @@
 """Online monitoring: RankMe and feature std by hand, and the monitor on the digits subset."""
 
 import math
+import subprocess
 
 import pytest
 import torch
@@ -67,3 +68,24 @@ def test_the_demo_can_monitor_without_naming_its_data():
     """The demo digits bring their val split (written at start), so eval.every needs no data.val there."""
     cfg = load_config(REPO / "train/configs/mae_demo.yaml", ["eval.every=100"])
     assert cfg.eval.every == 100 and not cfg.data.train
+
+
+@pytest.mark.e2e
+def test_zero3_two_ranks_monitor_with_uneven_shares(tmp_path, digits_dir):
+    """Under ZeRO-3 every forward is a collective (the parameters are gathered), so every rank must embed as many
+    batches as the others even when its share of data.val is smaller (here 300 vs 20 samples), or it would wait
+    for the others forever."""
+    from data_pipeline.shards import digits_samples, write_shards
+    from helpers import command, fully_partitioned_zero3, read_metrics, run_env, torchrun
+
+    samples, classes = digits_samples("val")
+    write_shards(samples[:300], tmp_path / "val", "big", classes, max_count=300)
+    write_shards(samples[300:320], tmp_path / "val", "small", classes, max_count=20)
+    val = f"{tmp_path / 'val' / 'big-000000.tar'}::{tmp_path / 'val' / 'small-000000.tar'}"
+    cmd = command(tmp_path, digits_dir, "train.steps=2", "eval.every=1", "eval.monitor_samples=1000", f"data.val={val}",
+                  f"train.deepspeed={fully_partitioned_zero3(tmp_path)}", launcher=torchrun(2))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_metrics(tmp_path / "run")
+    assert [s for s, r in sorted(rows.items()) if "monitor/knn_top1" in r] == [1, 2]
+    assert 10 < rows[2]["monitor/knn_top1"] <= 100

@@ -40,11 +40,14 @@ class OnlineMonitor:
         batch_size = max(1, min(batch_size, samples // world_size))
         rounds = -(-samples // (batch_size * world_size))  # the same number of batches on every rank
         self.images, self.labels, self.device = [], [], device
+        self.padding = torch.zeros(batch_size, 3, img_size, img_size)
         self.k, self.temperature = k, temperature
         for index, (images, labels, real) in enumerate(eval_batches(shards, img_size, mean, std, device,
                                                                     batch_size, key="data.val")):
+            # a padding batch (this rank's share ran out) is kept as None: every rank must embed as many batches,
+            # as each forward is a collective under ZeRO-3 (the parameters are gathered)
+            self.images.append(images.to("cpu", torch.float16) if real else None)
             if real:
-                self.images.append(images.to("cpu", torch.float16))
                 self.labels.append(labels.cpu())
             if index + 1 == rounds:
                 break
@@ -60,7 +63,12 @@ class OnlineMonitor:
         t0 = time.perf_counter()
         was_training = encoder.training
         encoder.eval()
-        feats = [pooled_features(encoder, images.to(self.device, torch.float32), "token") for images in self.images]
+        feats = []
+        for images in self.images:
+            out = pooled_features(encoder, (self.padding if images is None else images).to(self.device, torch.float32),
+                                  "token")
+            if images is not None:
+                feats.append(out)
         encoder.train(was_training)
         feats = all_gather_rows(torch.cat(feats) if feats else torch.zeros(0, encoder.embed_dim, device=self.device))
         feats, labels = feats.cpu(), self.labels
