@@ -118,14 +118,16 @@ def test_pruning_and_overwriting_a_tag_remove_its_universal_form(tmp_path):
         (ckpts / f"{tag}_universal").mkdir()
         (ckpts / f"{tag}_universal" / checkpoint.MARKER).write_text("{}")
         (ckpts / f".{tag}_universal.in").mkdir()
+        (ckpts / f".{tag}_universal.failed").write_text("an earlier attempt")
 
     def save(step):
         return checkpoint.save(Engine(), ckpts, step, {}, {}, rank=0, keep_last=2)
 
     save(1), universal(1), save(2), universal(2)
     save(3)  # prunes step 1 and its universal form
-    assert sorted(p.name for p in ckpts.iterdir()) == [".step_00000002_universal.in", "latest", "step_00000002",
-                                                       "step_00000002_universal", "step_00000003"]
+    assert sorted(p.name for p in ckpts.iterdir()) == [".step_00000002_universal.failed", ".step_00000002_universal.in",
+                                                       "latest", "step_00000002", "step_00000002_universal",
+                                                       "step_00000003"]
     save(2)  # written again: the old universal form goes
     assert sorted(p.name for p in ckpts.iterdir()) == ["latest", "step_00000002", "step_00000003"]
 

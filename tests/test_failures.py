@@ -350,16 +350,28 @@ def test_deepspeeds_known_deprecation_warnings_are_filtered_once_for_the_project
     assert "all_gather_into_tensor" not in proc.stderr and "custom_fwd" not in proc.stderr
 
 
-def test_a_failed_universal_conversion_is_one_error_and_leaves_nothing_behind(tmp_path):
-    """Elastic resume of a damaged checkpoint: the conversion's failure is an error naming the checkpoint (raised
-    on every rank: rank 0 hands it on), and neither a half-written universal folder nor its staging copy stays."""
+def test_a_failed_universal_conversion_is_one_error_on_every_rank(tmp_path):
+    """Elastic resume of a damaged checkpoint: rank 0's conversion fails with an error naming the checkpoint and
+    leaves no half-written universal folder; the ranks waiting for it (by watching the files, not in a collective
+    that a long conversion would time out) raise the same error."""
+    import threading
+
     from train.checkpoint import MARKER, to_universal
 
     tag = tmp_path / "step_00000002"
     tag.mkdir()
     (tag / MARKER).write_text(json.dumps({"step": 2}))
     (tag / "mp_rank_00_model_states.pt").write_bytes(b"not a torch file")
-    with pytest.raises(RuntimeError, match=rf"elastic resume: converting {tag} to DeepSpeed's universal form failed "
-                                           "on rank 0: UnpicklingError"):
+    message = rf"elastic resume: converting {tag} to DeepSpeed's universal form failed on rank 0: UnpicklingError"
+    with pytest.raises(RuntimeError, match=message):
         to_universal(tmp_path, tag.name, rank=0)
-    assert sorted(p.name for p in tmp_path.iterdir()) == [tag.name]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".step_00000002_universal.failed", tag.name]
+    with pytest.raises(RuntimeError, match=message):
+        to_universal(tmp_path, tag.name, rank=1)
+    # a waiting rank returns once rank 0 marks the conversion complete
+    (tmp_path / ".step_00000002_universal.failed").unlink()
+    done = tmp_path / "step_00000002_universal"
+    threading.Timer(0.3, lambda: (done.mkdir(), (done / MARKER).write_text("{}"))).start()
+    assert to_universal(tmp_path, tag.name, rank=1, poll_seconds=0.05) == done.name
+    with pytest.raises(RuntimeError, match="rank 0 did not convert .* within 0.0001 h"):
+        to_universal(tmp_path, "step_00000004", rank=1, poll_seconds=0.05, give_up_hours=1e-4)

@@ -96,9 +96,11 @@ def save(engine, ckpt_dir: Path, step: int, meta: dict, rank_state: dict, rank: 
 
 
 def remove_universal(ckpt_dir: Path, tag: str) -> None:
-    """Remove what `to_universal` wrote beside checkpoint `tag`: `<tag>_universal/` and its `.in` staging folder."""
+    """Remove what `to_universal` wrote beside checkpoint `tag`: `<tag>_universal/`, its `.in` staging folder and
+    a `.failed` note."""
     for path in (ckpt_dir / f"{tag}{UNIVERSAL}", ckpt_dir / f".{tag}{UNIVERSAL}.in"):
         shutil.rmtree(path, ignore_errors=True)
+    (ckpt_dir / f".{tag}{UNIVERSAL}.failed").unlink(missing_ok=True)
 
 
 def find_resume_tag(ckpt_dir: Path) -> str | None:
@@ -187,22 +189,37 @@ def load_weights(module: torch.nn.Module, path: str | Path) -> int:
     return read_meta(tag_dir.parent, tag_dir.name)["step"]
 
 
-def to_universal(ckpt_dir: Path, tag: str, rank: int) -> str:
+def to_universal(ckpt_dir: Path, tag: str, rank: int, poll_seconds: float = 1.0,
+                 give_up_hours: float = 6.0) -> str:
     """Rank 0 converts checkpoint `tag` into DeepSpeed's universal form (per-parameter fp32 weights and Adam
     moments, any world size) beside it, once; every rank returns its tag for `load` with `load_universal`.
-    A failed conversion raises on every rank (the others would otherwise wait for rank 0 forever)."""
+
+    The other ranks wait by watching the file system, not in a collective: a large model's conversion can
+    outlast the process group's timeout (DEEPSPEED_TIMEOUT, 10 minutes), which would end the resume and so
+    every requeue of it. A failed conversion is written beside the tag and raised on every rank."""
     out = ckpt_dir / f"{tag}{UNIVERSAL}"
-    failed = None
+    failed = ckpt_dir / f".{tag}{UNIVERSAL}.failed"
+    if rank == 0:
+        failed.unlink(missing_ok=True)  # an earlier attempt's
+    barrier()
     if rank == 0 and not (out / MARKER).exists():
+        log.info("elastic resume: converting %s to DeepSpeed's universal form", ckpt_dir / tag)
         try:
             convert_to_universal(ckpt_dir, tag, out)
-        except Exception as err:  # handed to every rank below, then raised
+        except Exception as err:
             shutil.rmtree(out, ignore_errors=True)
-            failed = f"{type(err).__name__}: {err}"
-    failed = broadcast_object(failed)
-    if failed:
+            _atomic_write(failed, f"{type(err).__name__}: {err}")
+    waited, deadline = time.monotonic(), time.monotonic() + give_up_hours * 3600
+    while not (out / MARKER).exists() and not failed.exists():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"elastic resume: rank 0 did not convert {ckpt_dir / tag} to DeepSpeed's universal "
+                               f"form within {give_up_hours:g} h (no {out / MARKER})")
+        time.sleep(poll_seconds)
+    if failed.exists():
         raise RuntimeError(f"elastic resume: converting {ckpt_dir / tag} to DeepSpeed's universal form failed on "
-                           f"rank 0: {failed}")
+                           f"rank 0: {failed.read_text()}")
+    if rank != 0 and time.monotonic() - waited > 60:
+        log.info("elastic resume: waited %.0f s for rank 0's conversion", time.monotonic() - waited)
     return out.name
 
 
