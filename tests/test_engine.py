@@ -141,6 +141,29 @@ def test_resume_from_other_architecture_is_rejected(make_cfg):
         train(other, build_method)
 
 
+def test_resume_across_the_zero_3_file_layout_is_refused_and_zero_0_needs_no_conversion(make_cfg, tmp_path):
+    """ZeRO-0, ZeRO-1/2 and ZeRO-3 write different files: a resume into another of them is one line before any
+    model is built. A ZeRO-0 checkpoint of another world size loads as it is; a partitioned one needs its universal
+    form."""
+    from train.engine.setup import architecture, check_resume, needs_universal
+
+    cfg = make_cfg("train.steps=4", "train.deepspeed=ds_configs/zero2.json")
+    tag = tmp_path / "checkpoints" / "step_00000002"
+    tag.mkdir(parents=True)
+    (tag / checkpoint.MARKER).write_text(json.dumps({"step": 2, "model": architecture(cfg), "method": "mae"}))
+    for name in ("zero_pp_rank_0_mp_rank_00_model_states.pt", "rank_00000.pt", "rank_00001.pt"):
+        (tag / name).write_bytes(b"")
+    with pytest.raises(ConfigError, match=r"step_00000002 was written with ZeRO-3 and this run uses ZeRO-1/2 "
+                                          r"\(ds_configs/zero2.json\); their checkpoint files differ: resume with a "
+                                          "ZeRO-3 config"):
+        check_resume(cfg, tag.parent, tag.name, 2)
+    assert needs_universal(tag, 1) and not needs_universal(tag, 2)
+    (tag / "zero_pp_rank_0_mp_rank_00_model_states.pt").rename(tag / "mp_rank_00_model_states.pt")  # ZeRO-0
+    assert not needs_universal(tag, 1)
+    with pytest.raises(ConfigError, match="was written with ZeRO-0 and this run uses ZeRO-1/2"):
+        check_resume(cfg, tag.parent, tag.name, 2)
+
+
 @pytest.mark.e2e
 def test_non_finite_loss_stops_with_a_clear_message(make_cfg, monkeypatch):
     from train.methods.mae import MAE

@@ -31,6 +31,14 @@ from train.distributed import barrier, broadcast_object
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 MARKER = "COMPLETE"
+def saved_partitioning(tag_dir: Path) -> int:
+    """How checkpoint `tag_dir` holds the optimizer: 3 (ZeRO-3 files), 1 (ZeRO-1/2: one format) or 0 (not
+    partitioned: ZeRO-0, any world size loads it as it is)."""
+    if any(Path(tag_dir).glob("zero_pp_rank_*_model_states.pt")):
+        return 3
+    return 1 if any(Path(tag_dir).glob("*_optim_states.pt")) else 0
+
+
 UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
 
 

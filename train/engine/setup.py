@@ -107,7 +107,7 @@ def build_engine(cfg: Config, build_method: Callable[[Config], Method], world_si
     if cfg.train.compile:
         compile_blocks(method, cfg.train.compile)
     ds_config = deepspeed_config(cfg, world_size)
-    if load_universal:  # elastic resume: the checkpoint loads from its universal form
+    if load_universal:  # the checkpoint loads from its universal form (`needs_universal`)
         ds_config["checkpoint"] = {"load_universal": True}
     peak_lr = optim_peak_lr(cfg.optim.base_lr, ds_config["train_batch_size"])
     groups = param_groups(method, cfg.optim.weight_decay, cfg.optim.layer_decay, cfg.optim.decay_all,
@@ -283,8 +283,9 @@ def setup(cfg: Config, build_method: Callable[[Config], Method]) -> Run:
     if found:
         check_resume(cfg, *found, world.world_size)  # before any model is built
     elastic = bool(found) and saved_ranks(found[0] / found[1]) not in (0, world.world_size)
-    engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size, elastic)
-    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found, shards.urls, elastic)
+    universal = bool(found) and needs_universal(found[0] / found[1], world.world_size)
+    engine, optimizer, ds_config, peak_lr = build_engine(cfg, build_method, world.world_size, universal)
+    step, data_state, aux_state, guard_state = resume(cfg, engine, world, found, shards.urls, elastic, universal)
     method = engine.module
     if cfg.train.budget or cfg.train.budget_flops:
         total_steps, warmup_steps = budget_steps(cfg, method, total_steps, warmup_steps,
@@ -320,6 +321,12 @@ def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None
     if meta.get("model") != ours["model"] or meta.get("method") != ours["method"]:
         raise ConfigError(f"run.resume: {ckpt_dir / tag} was written by method {meta.get('method')} with "
                           f"model {meta.get('model')}, not method {ours['method']} with model {ours['model']}")
+    theirs, ours = checkpoint.saved_partitioning(ckpt_dir / tag), partitioning(cfg)
+    if theirs != ours:
+        name = {0: "ZeRO-0", 1: "ZeRO-1/2", 3: "ZeRO-3"}
+        raise ConfigError(f"run.resume: {ckpt_dir / tag} was written with {name[theirs]} and this run uses "
+                          f"{name[ours]} ({cfg.train.deepspeed}); their checkpoint files differ: resume with a "
+                          f"{name[theirs]} config")
     ranks = saved_ranks(ckpt_dir / tag)
     if not ranks or ranks == world_size:
         return
@@ -333,31 +340,44 @@ def check_resume(cfg: Config, ckpt_dir: Path, tag: str, world_size: int) -> None
                           "to resume elastically")
 
 
+def partitioning(cfg: Config) -> int:
+    """How this run's engine partitions the optimizer, as `checkpoint.saved_partitioning` names a checkpoint's."""
+    stage = json.loads(resolve_path(cfg.train.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+    return {0: 0, 1: 1, 2: 1, 3: 3}[stage]
+
+
+def needs_universal(tag_dir: Path, world_size: int) -> bool:
+    """Whether checkpoint `tag_dir` loads through its universal form: a partitioned one written by another number
+    of ranks (a ZeRO-0 one loads as it is on any world size)."""
+    return checkpoint.saved_partitioning(tag_dir) != 0 and saved_ranks(tag_dir) not in (0, world_size)
+
+
 def saved_ranks(tag_dir: Path) -> int:
     """The number of ranks that wrote checkpoint `tag_dir` (its per-rank state files; 0 when it has none)."""
     return len(list(tag_dir.glob("rank_*.pt")))
 
 
 def resume(cfg: Config, engine, world: WorldInfo, found: tuple[Path, str] | None, urls: list[str],
-           elastic: bool = False) -> tuple[int, dict | list[dict] | None, dict, dict]:
+           elastic: bool = False, universal: bool = False) -> tuple[int, dict | list[dict] | None, dict, dict]:
     """Load the checkpoint `found` (`run.resume` resolved and checked by `check_resume`), if any:
     (step, this rank's data position, its aux streams' positions, its rollback state: `Run.lr_scale` and
     `Run.rollbacks`). A fresh run seeds the per-rank RNG.
 
-    `elastic`: the checkpoint has another world size. Weights, optimizer state and step load from DeepSpeed's
-    universal form of it. A data stream that does not continue exactly (another world size or data.workers, or
-    another shard list in epoch mode) gets every old rank's stream state (`data_pipeline.stream.continue_layout`)."""
+    `elastic`: the checkpoint has another world size; `universal`: weights, optimizer state and step load from
+    DeepSpeed's universal form of it (`needs_universal`: partitioned by ZeRO). A data stream that does not
+    continue exactly (another world size or data.workers, or another shard list in epoch mode) gets every old
+    rank's stream state (`data_pipeline.stream.continue_layout`)."""
     if not found:
         torch.manual_seed(cfg.run.seed + world.rank)  # per-rank masking noise
         return 0, None, {}, {}
     resume_dir, tag = found
-    client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank, universal=elastic)
+    client_state, rank_state = checkpoint.load(engine, resume_dir, tag, world.rank, universal=universal)
     data_state, aux_state, guard_state, old = None, {}, {}, None
     if elastic:
         torch.manual_seed(mix_seed(cfg.run.seed, world.rank, client_state["step"]))  # fresh per-rank noise
-        log.info("elastic resume: %s was written by %d ranks, this run has %d; loaded its DeepSpeed universal "
-                 "checkpoint (weights, optimizer state)", resume_dir / tag, saved_ranks(resume_dir / tag),
-                 world.world_size)
+        log.info("elastic resume: %s was written by %d ranks, this run has %d; %s", resume_dir / tag,
+                 saved_ranks(resume_dir / tag), world.world_size, "loaded its DeepSpeed universal checkpoint "
+                 "(weights, optimizer state)" if universal else "ZeRO-0: loaded as it is")
         old = checkpoint.rank_states(resume_dir / tag)
         rank_state = old[0]  # its rollback count and lr scale are every rank's
     elif rank_state is not None:
