@@ -232,3 +232,18 @@ def test_per_parameter_clipping_is_dinos_under_every_zero_stage(make_cfg, tmp_pa
         moved, expected = ours[name] - initial[name], p.detach() - initial[name]
         assert torch.allclose(moved, expected, rtol=1e-4, atol=1e-7), name
     assert any((p.detach() - initial[n]).norm() > 0.1 * max_norm for n, p in method.named_parameters())
+
+
+@pytest.mark.e2e
+def test_epoch_mode_resume_with_other_data_workers_finishes_the_epoch_first(make_cfg, caplog):
+    """The same world size with another data.workers is another stream layout: the engine hands the stream every
+    old rank's state, and the new readers begin with the carried-over rest of the epoch."""
+    first = make_cfg("train.steps=2", "data.resampled=false", name="workers")
+    train(first, build_method)
+    more = make_cfg("train.steps=3", "data.resampled=false", "data.workers=2", name="workers")
+    with caplog.at_level("WARNING", logger="data_pipeline.stream"):
+        assert train(more, build_method).steps == 3
+    assert "data stream: 1 ranks x 2 readers over 8 shards now vs 1 x 1 in the checkpoint; the rest of the epoch " \
+           "is split over the new readers (segment 1)" in caplog.text
+    saved = torch.load(more.output_dir / "checkpoints" / "step_00000003" / "rank_00000.pt", weights_only=False)
+    assert saved["data"]["readers"] == 2 and saved["data"]["carried"]["segment"] == 1
