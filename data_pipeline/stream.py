@@ -402,12 +402,17 @@ def shard_list_id(urls: list[str]) -> int:
     return zlib.crc32("\n".join(url.rsplit("/", 1)[-1] for url in urls).encode())
 
 
+def epochs_of(state: dict, urls: list[str]) -> bool:
+    """Whether a saved stream `state` holds positions in the epochs of `urls`: written in epoch mode over the same
+    shard list (its positions index into that list's permutations)."""
+    return not state.get("resampled", False) and state.get("shards", shard_list_id(urls)) == shard_list_id(urls)
+
+
 def continues_exactly(state: dict, urls: list[str], world_size: int, workers: int, resampled: bool) -> bool:
     """Whether a rank's saved stream `state` continues exactly on its own: the same world size, number of readers
-    and mode (`data.resampled`) and, in epoch mode, the same shard list (positions index into its permutations)."""
-    same_shards = resampled or state.get("shards", shard_list_id(urls)) == shard_list_id(urls)
+    and mode (`data.resampled`) and, in epoch mode, the same shard list (`epochs_of`)."""
     return (state["world_size"] == world_size and state["readers"] == max(1, workers)
-            and state.get("resampled", resampled) == resampled and same_shards)
+            and state.get("resampled", resampled) == resampled and (resampled or epochs_of(state, urls)))
 
 
 def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_size: int, readers: int, seed: int,
@@ -430,8 +435,7 @@ def continue_layout(states: list[dict], urls: list[str], *, rank: int, world_siz
     last = max(position(o)[0] for o in range(old_slots))
     skipped = sum(p[2] for ps in positions for p in ps.values())
     start = {k: (last + 1, 0, skipped if rank == 0 and k == 0 else 0) for k in range(readers)}
-    if resampled or states[0].get("resampled", False) or states[0].get("shards", shard_list_id(urls)) != \
-            shard_list_id(urls):
+    if resampled or not epochs_of(states[0], urls):
         return start, None  # nothing to replay: no epochs, or they were another mode's or shard list's
     streams = [ShardStream(urls, None, 1, rank=r, world_size=old_world, seed=state.get("seed", seed),
                            resampled=False, shuffle_buffer=state.get("shuffle_buffer", shuffle_buffer),
@@ -490,7 +494,6 @@ class StreamLoader:
                 log.warning("data stream: %d ranks x %d readers over %d shards now vs %d x %d in the checkpoint; %s",
                             world_size, readers, len(urls), state[0]["world_size"], state[0]["readers"], what)
         self.readers, self.world_size, self.batch_size = readers, world_size, batch_size
-        self.seed, self.shuffle_buffer = seed, shuffle_buffer
         self.positions, self.next_reader = dict(positions), rotation
         self.device, self.mean, self.std = device, mean, std
         self.prepare = getattr(views, "to_device", to_device)
@@ -514,7 +517,7 @@ class StreamLoader:
     def state_dict(self) -> dict:
         state = {"positions": {r: list(p) for r, p in self.positions.items()}, "next_reader": self.next_reader,
                  "readers": self.readers, "world_size": self.world_size, "batches": self.batches,
-                 "batch_size": self.batch_size, "seed": self.seed, "shuffle_buffer": self.shuffle_buffer,
+                 "batch_size": self.batch_size, "seed": self.stream.seed, "shuffle_buffer": self.stream.shuffle_buffer,
                  "resampled": self.stream.resampled, "shards": shard_list_id(self.stream.urls),
                  "device_skipped": self.device_skipped}
         carried = self.stream.carried

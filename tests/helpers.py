@@ -131,10 +131,10 @@ def plain_pytorch_losses(cfg, steps: int) -> list[float]:
     return out
 
 
-def command(tmp_path, digits_dir, *overrides, launcher=()):
+def command(tmp_path, digits_dir, *overrides, launcher=(), module=("-m", "train.pretrain")):
     """A tiny `train.pretrain` command line writing into tmp_path/run (the tiny settings of the method named in
-    `overrides`, `tiny_overrides`)."""
-    return [*launcher, "-m", "train.pretrain", *tiny_overrides(overrides), f"run.output_dir={tmp_path / 'run'}",
+    `overrides`, `tiny_overrides`); `module`: what runs instead (a test script and its arguments)."""
+    return [*launcher, *module, *tiny_overrides(overrides), f"run.output_dir={tmp_path / 'run'}",
             f"data.train={digits_dir / 'train.json'}", f"data.val={digits_dir / 'val.json'}", *overrides]
 
 

@@ -10,9 +10,7 @@ from train.checkpoint import rank_states, tag_for
 
 
 def launch(tmp_path, digits_dir, ranks: int, *args, module=("-m", "train.pretrain")):
-    launcher = torchrun(ranks)
-    cmd = command(tmp_path, digits_dir, *args, launcher=launcher)
-    cmd[len(launcher):len(launcher) + 2] = module
+    cmd = command(tmp_path, digits_dir, *args, launcher=torchrun(ranks), module=module)
     proc = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return proc.stderr

@@ -51,9 +51,8 @@ def test_two_ranks_roll_back_together_when_one_rank_sees_a_nan(tmp_path, digits_
     """A NaN on rank 1's batch of step 5 only: the reduced loss is NaN on both ranks, so both roll back to step 4
     together (the reload is a collective: a rank that went on would hang the other), and the run ends in time."""
     cmd = command(tmp_path, digits_dir, "train.steps=8", "run.ckpt_every=2", "run.on_anomaly=rollback",
-                  "train.deepspeed=ds_configs/zero0.json", launcher=torchrun(2))
-    start = cmd.index("-m", len(torchrun(2)))
-    cmd[start:start + 2] = [str(REPO / "tests" / "rollback_run.py"), "1", "4"]
+                  "train.deepspeed=ds_configs/zero0.json", launcher=torchrun(2),
+                  module=(str(REPO / "tests" / "rollback_run.py"), "1", "4"))  # rank 1's call 4 (step 5) is NaN
     proc = subprocess.run(cmd, cwd=tmp_path, env=run_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     written = rows(tmp_path / "run")

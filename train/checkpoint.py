@@ -31,14 +31,6 @@ from train.distributed import barrier, broadcast_object
 log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"^step_(\d{8,})$")
 MARKER = "COMPLETE"
-def saved_partitioning(tag_dir: Path) -> int:
-    """How checkpoint `tag_dir` holds the optimizer: 3 (ZeRO-3 files), 1 (ZeRO-1/2: one format) or 0 (not
-    partitioned: ZeRO-0, any world size loads it as it is)."""
-    if any(Path(tag_dir).glob("zero_pp_rank_*_model_states.pt")):
-        return 3
-    return 1 if any(Path(tag_dir).glob("*_optim_states.pt")) else 0
-
-
 UNIVERSAL = "_universal"  # `<tag>_universal/`: DeepSpeed's universal form of checkpoint `<tag>` (elastic resume)
 
 
@@ -177,6 +169,14 @@ def read_module_state(tag_dir: Path, wanted=lambda key: True) -> dict:
     saved = torch.load(model_states[0], map_location="cpu", weights_only=False)["module"]
     return {k: v.float() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in saved.items()
             if wanted(k) and (k.endswith("_extra_state") or v.numel() > 0)}  # ZeRO-3: empty placeholders
+
+
+def saved_partitioning(tag_dir: Path) -> int:
+    """How checkpoint `tag_dir` holds the optimizer: 3 (ZeRO-3 files), 1 (ZeRO-1/2: one format) or 0 (not
+    partitioned: ZeRO-0, any world size loads it as it is)."""
+    if any(Path(tag_dir).glob("zero_pp_rank_*_model_states.pt")):
+        return 3
+    return 1 if any(Path(tag_dir).glob("*_optim_states.pt")) else 0
 
 
 def complete_tag_dir(path: str | Path, key: str = "checkpoint") -> Path:
